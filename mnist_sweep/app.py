@@ -1,0 +1,399 @@
+"""The one module that talks to Hydra: it turns a composed config into a tracked training run.
+
+``train.py`` hands every job of ``python train.py [-m] ...`` to ``run`` and wraps the whole command in
+``cli``, which prints a user's mistake as one line instead of a traceback.
+
+The order of ``run`` is deliberate: everything that can fail because of the user's input (config values,
+device, tracking store, data files) is checked before the first batch is trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_sweep import UserError, config
+
+log = logging.getLogger("mnist_sweep")
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+config.register()
+
+
+def _quiet_libraries() -> None:
+    # MLflow and its database layer log every table migration and experiment creation at INFO.
+    import mlflow  # noqa: F401  (mlflow sets its own log level when imported: import first, then quieten)
+
+    for name in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
+
+
+def _sigterm_to_interrupt() -> None:
+    """Let SIGTERM (a scheduler or `kill`) unwind like Ctrl-C, so the MLflow run is closed as KILLED."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _hydra_info():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def run_name(hc) -> str:
+    """Runs of a sweep are told apart by what was overridden: ``model.hidden=128 optimizer=sgd``."""
+    if hc is None:
+        return "run"
+    name = hc.job.override_dirname
+    return name if name else "defaults"
+
+
+def params(cfg: DictConfig, hc) -> dict[str, object]:
+    """The resolved config as dotted keys, plus which preset each config group came from."""
+    flat = config.flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = {k: v for k, v in flat.items() if not k.startswith(("optimizer._", "mlflow."))}
+    flat["optimizer.name"] = str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
+    if hc is not None:
+        for group, choice in hc.runtime.choices.items():
+            if not group.startswith(("hydra/", "schema/")) and group != "base_config":
+                flat[f"choice.{group}"] = choice
+    return flat
+
+
+def task(cfg: DictConfig) -> float:
+    """Hydra's task function: one job of `python train.py [-m]`. Returns the objective, validation accuracy."""
+    try:
+        return run(cfg)
+    except UserError as e:
+        hc = _hydra_info()
+        if hc is None or hc.mode is None or hc.mode.name != "MULTIRUN":
+            # A single run: one line and out, before Hydra adds its own report of the failed job.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        # In a sweep, Hydra goes on to the next job and reports this one's error at the end: say it now.
+        log.error("run failed: %s", e)
+        raise
+    except Exception as e:
+        log.error("run failed: %s: %s", type(e).__name__, e)
+        raise
+
+
+def run(cfg: DictConfig) -> float:
+    """One training run: check, load, train, evaluate, log. Returns the validation accuracy (the objective)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from mnist_sweep import data, model, plots, tracking, training
+
+    _quiet_libraries()
+    _sigterm_to_interrupt()
+    hc = _hydra_info()
+    out_dir = Path(hc.runtime.output_dir) if hc else Path.cwd()
+
+    # 1. Check everything the user gave us, cheapest first, before any compute is spent.
+    settings = config.check(cfg)
+    device = training.resolve_device(settings.device.type)
+    if settings.device.threads:
+        torch.set_num_threads(settings.device.threads)
+    experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
+
+    # 2. The raw material and the conveyor belts (data.py). Seeded: same seed + config => same run.
+    torch.manual_seed(settings.seed)
+    order = torch.Generator().manual_seed(settings.seed)  # the order batches are drawn in, every epoch
+    d = settings.data
+    t0 = time.perf_counter()
+    loaders = data.build_loaders(
+        name=d.name,
+        root=_absolute(d.root),
+        loader=d.loader,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        val_size=d.val_size,
+        split_seed=d.split_seed,
+        mean=d.mean,
+        std=d.std,
+        device=device,
+        generator=order,
+        cache_dir=_absolute(d.cache_dir) if d.cache_dir else None,
+        download=d.download,
+        verify=d.verify,
+        num_workers=d.num_workers,
+    )
+    data_seconds = time.perf_counter() - t0
+    log.info(
+        "data: %s via %s loader, %d train / %d val / %d test images, batch %d, on %s (%.2f s)",
+        d.name,
+        d.loader,
+        loaders.n_train,
+        loaders.n_val,
+        loaders.n_test,
+        d.batch_size,
+        device,
+        data_seconds,
+    )
+
+    # 3. The student (model.py) and how it learns (an optimizer from conf/optimizer/, a schedule).
+    m = settings.model
+    model_args = dict(
+        hidden=m.hidden,
+        depth=m.depth,
+        activation=m.activation,
+        dropout=m.dropout,
+        norm=m.norm,
+        num_classes=len(loaders.classes),
+    )
+    net = model.MLP(**model_args).to(device)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
+    s = settings.scheduler
+
+    def schedule(step: int, total: int) -> float:
+        return training.lr_multiplier(step, total, s.warmup, s.start, s.decay, s.final)
+
+    tags = {
+        **tracking.git_state(REPO),
+        **tracking.version_tags(),
+        "device": str(device),
+        "config_hash": config.config_hash(cfg),
+        "hydra.output_dir": str(out_dir),
+    }
+    if hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN":
+        tags["hydra.job.num"] = str(hc.job.num)
+        tags["hydra.sweep.dir"] = str(Path(hc.sweep.dir).resolve())
+    name = settings.mlflow.run_name or run_name(hc)
+    log.info(
+        "model: %s, %d weights; optimizer: %s; mlflow run %r",
+        _describe(m),
+        model.count_params(net),
+        type(optimizer).__name__,
+        name,
+    )
+
+    with tracking.start_run(experiment_id, name, tags) as mlrun:
+        mlrun.log_params(params(cfg, hc))
+        rows: list[dict] = []
+
+        def on_epoch(er: training.EpochResult) -> None:
+            metrics = er.metrics()
+            mlrun.log_metrics(metrics, step=er.epoch)  # one batched write per epoch
+            rows.append({"epoch": er.epoch, **metrics})
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2g | %.1f s, %.0f samples/s",
+                er.epoch,
+                settings.trainer.epochs,
+                er.train_loss,
+                er.train_acc,
+                er.val_loss,
+                er.val_acc,
+                er.lr,
+                er.seconds,
+                er.samples_per_s,
+            )
+
+        # 4. The lessons (training.py): train on the book, check on the mock exam after each epoch.
+        t = settings.trainer
+        fitted = training.fit(
+            net,
+            loaders.train,
+            loaders.val,
+            optimizer,
+            epochs=t.epochs,
+            device=device,
+            schedule=schedule,
+            precision=t.precision,
+            patience=t.patience,
+            grad_clip=t.grad_clip,
+            label_smoothing=t.label_smoothing,
+            max_loss=t.max_loss,
+            num_classes=len(loaders.classes),
+            on_epoch=on_epoch,
+            progress=t.progress,
+        )
+
+        # 5. The exam it has never seen: the official test set, reported once, never used to choose anything.
+        t_eval = time.perf_counter()
+        test = training.evaluate(net, loaders.test, device, len(loaders.classes), t.precision)
+        eval_seconds = time.perf_counter() - t_eval
+        final = {
+            "test/loss": test.loss,
+            "test/acc": test.acc,
+            "best_epoch": fitted.best_epoch,
+            "best_val/acc": fitted.val_acc,
+            "train_time_s": fitted.train_seconds,
+            "data_time_s": data_seconds,
+            "test_eval_time_s": eval_seconds,
+        }
+        final.update({f"test/acc_class_{i}": a for i, a in enumerate(test.per_class_acc)})
+        mlrun.log_metrics(final, step=fitted.best_epoch)
+        log.info(
+            "test: loss %.4f acc %.4f (%d images, %.2f s) | val acc %.4f | training %.1f s",
+            test.loss,
+            test.acc,
+            loaders.n_test,
+            eval_seconds,
+            fitted.val_acc,
+            fitted.train_seconds,
+        )
+
+        # 6. The lab notebook (tracking.py): config beside the weights, the per-epoch log, the confusion matrix.
+        _save_artifacts(out_dir, cfg, net, model_args, d, loaders.classes, rows, test, plots)
+        for item in ("config.yaml", "epochs.csv", "confusion_matrix.png", "confusion_matrix.csv"):
+            mlrun.log_artifact(out_dir / item)
+        mlrun.log_artifacts(out_dir / "checkpoint", "checkpoint")
+        if (out_dir / ".hydra").is_dir():
+            mlrun.log_artifacts(out_dir / ".hydra", "hydra")
+        if settings.mlflow.log_model:
+            example = (loaders_example(loaders, d.mean, d.std)).numpy()
+            mlrun.log_model(model.Classifier(net, d.mean, d.std), example)
+        _flush_logs()
+        for log_file in out_dir.glob("*.log"):
+            mlrun.log_artifact(log_file)
+
+    print(
+        f"val/acc {fitted.val_acc:.4f}  test/acc {test.acc:.4f}  ({fitted.train_seconds:.1f} s training)  "
+        f"mlflow run {mlrun.id}"
+    )
+    return float(fitted.val_acc)
+
+
+def loaders_example(loaders, mean: float, std: float):
+    """A few validation images as the exported model expects them: ToTensor's 0..1 scale, [N,1,28,28]."""
+    x, _ = next(iter(loaders.val if len(loaders.val) else loaders.test))
+    return (x[:4].detach().float().cpu() * std + mean).clamp(0, 1)
+
+
+def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots) -> None:
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # The config is saved beside the weights, so a checkpoint can always be rebuilt (model.load_checkpoint).
+    ckpt = out_dir / "checkpoint"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.save(
+        {
+            "model_args": model_args,
+            "mean": d.mean,
+            "std": d.std,
+            "classes": list(classes),
+            "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+        },
+        ckpt / "model.pt",
+    )
+    with open(out_dir / "epochs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\predicted", *classes])
+        for name, counts in zip(classes, test.confusion.tolist(), strict=True):
+            writer.writerow([name, *counts])
+    plots.confusion_matrix_png(
+        test.confusion,
+        classes,
+        out_dir / "confusion_matrix.png",
+        f"test set confusion matrix (accuracy {test.acc:.2%})",
+    )
+
+
+def _describe(m) -> str:
+    extra = "".join(f", {k} {v}" for k, v in (("dropout", m.dropout), ("norm", m.norm)) if v not in (0, 0.0, "none"))
+    return f"{m.depth} x {m.hidden} {m.activation}{extra}"
+
+
+def _absolute(path: str) -> str:
+    """Relative paths on the command line mean relative to where the user ran the command."""
+    from hydra.utils import to_absolute_path
+
+    try:
+        return to_absolute_path(os.path.expanduser(path))
+    except ValueError:  # outside a Hydra run (tests calling run() directly)
+        return os.path.abspath(os.path.expanduser(path))
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line: one clear line for every mistake a user can make
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def explain(e: BaseException) -> str:
+    """Turn Hydra/OmegaConf/our own errors into one line that names the problem and the fix."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, UserError):
+        return str(e)
+    text = str(e).strip()
+    if isinstance(e, MissingConfigException):
+        m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+        if m:
+            group, option = m.groups()
+            choices = ", ".join(_group_options(group))
+            return f"{group}={option} does not exist; choose one of: {choices} (e.g. {group}={choices.split(', ')[0]})"
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the command line: {text.splitlines()[0]}; write overrides as key=value"
+    cause = e.__cause__ if isinstance(e, ConfigCompositionException) and e.__cause__ else e
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        msg = str(cause).splitlines()[0].strip()
+        m = re.search(r"override '?([^'\s]+)'?", text)
+        where = m.group(1).rstrip(".") if m else key
+        if "not in" in msg or "Key '" in msg and "not" in msg:
+            return f"{where}: no such config key ({msg}); see `python train.py --cfg job` for the keys"
+        return f"{where}: {msg}; fix the value on the command line (`python train.py --cfg job` shows the types)"
+    if isinstance(e, ConfigCompositionException):
+        return text.splitlines()[0] + "; see `python train.py --help`"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def cli(hydra_main) -> None:
+    """Run the ``@hydra.main`` function; print a user's mistake as ``error: ...``, no traceback.
+
+    Mistakes (bad overrides, bad values, missing data...) exit with status 2, a diverged run with 1; anything
+    else is a bug and keeps its traceback. Set HYDRA_FULL_ERROR=1 to see every traceback.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's multi-line report
+    _sigterm_to_interrupt()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted: the MLflow run was closed as KILLED", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, HydraException, OmegaConfBaseException) as e:
+        if user_wants_traceback:
+            raise
+        print(f"error: {explain(e)}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))

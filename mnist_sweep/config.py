@@ -1,0 +1,281 @@
+"""The schema every run is checked against.
+
+Each config group (``conf/<group>/*.yaml``) is typed by a dataclass here, registered in Hydra's ConfigStore:
+a value of the wrong type (``model.hidden=abc``) or a key that does not exist is rejected by Hydra while it
+composes the config; a value of the right type but out of range (``model.hidden=0``) is rejected by
+``check()`` before anything is loaded or trained. Either way the user gets one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mnist_sweep import UserError
+
+
+class ConfigError(UserError):
+    """A config value out of range."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str, example: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value} is invalid: {rule} (e.g. {example})")
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 256  # units in each hidden layer
+    depth: int = 2  # number of hidden layers (0 = logistic regression)
+    activation: str = "relu"  # relu | gelu | tanh | silu | leaky_relu
+    dropout: float = 0.0  # dropout after each hidden activation
+    norm: str = "none"  # none | batch | layer
+
+    def __post_init__(self) -> None:
+        from mnist_sweep.model import ACTIVATIONS, NORMS
+
+        _require(self.hidden >= 1, "model.hidden", self.hidden, "width must be a positive integer", "model.hidden=256")
+        _require(self.depth >= 0, "model.depth", self.depth, "depth must be 0 or more", "model.depth=2")
+        _require(
+            self.activation in ACTIVATIONS,
+            "model.activation",
+            self.activation,
+            f"choose one of {', '.join(ACTIVATIONS)}",
+            "model.activation=gelu",
+        )
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)", "model.dropout=0.1")
+        _require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}", "model.norm=layer")
+
+
+@dataclass
+class OptimizerConfig:
+    """Arguments of a ``torch.optim`` class; ``instantiate`` returns it as a partial awaiting the parameters."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", self.lr, "learning rate must be > 0", "optimizer.lr=0.001")
+        _require(
+            self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            self.weight_decay,
+            "must be >= 0",
+            "optimizer.weight_decay=0",
+        )
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)", "optimizer.momentum=0.9"
+        )
+        _require(
+            self.momentum > 0 or not self.nesterov,
+            "optimizer.nesterov",
+            self.nesterov,
+            "Nesterov momentum needs optimizer.momentum > 0",
+            "optimizer.nesterov=false",
+        )
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning-rate multiplier over training: linear warm-up, then hold or decay.
+
+    constant: warmup=0, decay=none. cosine: warmup=0, decay=cosine. onecycle: warmup>0, decay=cosine.
+    """
+
+    warmup: float = 0.0  # fraction of all steps spent ramping up from start*lr to lr
+    start: float = 0.04  # multiplier at step 0 when warming up
+    decay: str = "none"  # none | cosine | linear, after the warm-up
+    final: float = 0.0  # multiplier at the last step when decaying
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.warmup <= 1, "scheduler.warmup", self.warmup, "must be in [0, 1]", "scheduler.warmup=0.25")
+        _require(
+            self.decay in ("none", "cosine", "linear"),
+            "scheduler.decay",
+            self.decay,
+            "choose none, cosine or linear",
+            "scheduler.decay=cosine",
+        )
+        _require(self.final >= 0, "scheduler.final", self.final, "must be >= 0", "scheduler.final=0")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist
+    root: str = "data"  # holds the four IDX files (or torchvision's <Class>/raw/); downloaded there if absent
+    loader: str = "tensor"  # tensor (fast, in memory) | torchvision (the tutorial's DataLoader)
+    batch_size: int = 256
+    eval_batch_size: int = 1000  # the tutorial's test batch
+    val_size: int = 5000  # images carved out of the 60,000 for validation
+    split_seed: int = 0  # fixed apart from `seed`, so every run of a sweep is judged on the same images
+    mean: float = 0.1307  # Normalize((mean,), (std,)): the training set's pixel statistics
+    std: float = 0.3081
+    download: bool = True  # try torchvision's download when the files are not under root
+    verify: bool = True  # check each file's SHA-256 (once; the result is cached)
+    cache_dir: str | None = None  # decoded tensors and checksum records; default ~/.cache/mnist-sweep
+    num_workers: int = 0  # DataLoader worker processes (torchvision loader only)
+
+    def __post_init__(self) -> None:
+        from mnist_sweep.data import DATASETS
+
+        _require(self.name in DATASETS, "data.name", self.name, f"choose one of {', '.join(DATASETS)}", "data=mnist")
+        _require(
+            self.loader in ("tensor", "torchvision"),
+            "data.loader",
+            self.loader,
+            "choose tensor or torchvision",
+            "data.loader=tensor",
+        )
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1", "data.batch_size=256")
+        _require(
+            self.eval_batch_size >= 1,
+            "data.eval_batch_size",
+            self.eval_batch_size,
+            "must be >= 1",
+            "data.eval_batch_size=1000",
+        )
+        _require(
+            0 <= self.val_size < 60000, "data.val_size", self.val_size, "must be in [0, 60000)", "data.val_size=5000"
+        )
+        _require(self.std > 0, "data.std", self.std, "must be > 0", "data.std=0.3081")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0", "data.num_workers=0")
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default (one per core)
+
+    def __post_init__(self) -> None:
+        ok = self.type in ("auto", "cpu", "cuda", "mps") or (self.type.startswith("cuda:") and self.type[5:].isdigit())
+        _require(ok, "device", self.type, "choose auto, cpu, cuda, cuda:N or mps", "device=cpu")
+        _require(self.threads >= 0, "device.threads", self.threads, "must be >= 0", "device.threads=2")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    precision: str = "fp32"  # fp32 | bf16 (autocast; measured in docs/BENCHMARKS.md)
+    patience: int = 0  # early stopping: epochs without val/acc improvement; 0 = off
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    label_smoothing: float = 0.0
+    max_loss: float = 100.0  # stop as diverged when the training loss is NaN, inf or above this; 0 = only NaN/inf
+    progress: bool = True  # a progress bar while an epoch runs (only when attached to a terminal)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1", "trainer.epochs=5")
+        _require(
+            self.precision in ("fp32", "bf16"),
+            "trainer.precision",
+            self.precision,
+            "choose fp32 or bf16",
+            "trainer.precision=bf16",
+        )
+        _require(self.patience >= 0, "trainer.patience", self.patience, "must be >= 0", "trainer.patience=3")
+        _require(self.grad_clip >= 0, "trainer.grad_clip", self.grad_clip, "must be >= 0", "trainer.grad_clip=1.0")
+        _require(
+            0 <= self.label_smoothing < 1,
+            "trainer.label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+            "trainer.label_smoothing=0.1",
+        )
+        _require(self.max_loss >= 0, "trainer.max_loss", self.max_loss, "must be >= 0", "trainer.max_loss=100")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # or http://HOST:PORT for a tracking server
+    experiment: str = "mnist-sweep"
+    run_name: str | None = None  # default: built from the command-line overrides
+    log_model: bool = True  # mlflow.pytorch.log_model with signature and input example
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.experiment),
+            "mlflow.experiment",
+            repr(self.experiment),
+            "must not be empty",
+            "mlflow.experiment=mnist",
+        )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    optimizer: Any = MISSING  # one of SGDConfig / AdamConfig / AdamWConfig, chosen by `optimizer=...`
+    scheduler: SchedulerConfig = MISSING
+    data: DataConfig = MISSING
+    device: DeviceConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    mlflow: MlflowConfig = MISSING
+    seed: int = 0
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore; ``conf/`` YAML files extend them."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    # Per-option schemas live in their own group, so `optimizer=...` lists only the real presets.
+    cs.store(group="schema/optimizer", name="sgd", node=SGDConfig)
+    cs.store(group="schema/optimizer", name="adam", node=AdamConfig)
+    cs.store(group="schema/optimizer", name="adamw", node=AdamWConfig)
+
+
+def check(cfg: DictConfig) -> Config:
+    """Range-check every value (the dataclasses' ``__post_init__``) and return the typed config."""
+    return OmegaConf.to_object(cfg)
+
+
+# Keys that name where things go, not what is computed: left out of the config hash.
+NOT_HASHED = ("mlflow", "data.root", "data.cache_dir", "data.num_workers", "trainer.progress")
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"hidden": 256}}`` -> ``{"model.hidden": 256}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = node
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of what determines a run's result (the resolved config minus NOT_HASHED keys)."""
+    import hashlib
+    import json
+
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_HASHED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

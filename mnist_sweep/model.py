@@ -1,0 +1,87 @@
+"""The student: a feedforward network (multi-layer perceptron) of any width and depth.
+
+It takes plain arguments, never the whole config, so it can be built and tested on its own:
+
+    MLP(hidden=256, depth=2)  ->  Flatten -> [Linear(784, 256) -> ReLU] x 2 -> Linear(256, 10)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
+NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``hidden`` units, each Linear -> [norm] -> activation -> [dropout].
+
+    ``depth=0`` is plain logistic regression (one Linear layer from pixels to classes).
+    """
+
+    def __init__(
+        self,
+        in_features: int = 28 * 28,
+        hidden: int = 256,
+        depth: int = 2,
+        num_classes: int = 10,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm: str = "none",
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if norm not in NORMS:
+            raise ValueError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
+        layers: list[nn.Module] = [nn.Flatten()]  # 1x28x28 image -> 784 pixels in a row
+        width = in_features
+        for _ in range(depth):
+            layers.append(nn.Linear(width, hidden))
+            if NORMS[norm] is not None:
+                layers.append(NORMS[norm](hidden))
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))  # one score (logit) per class
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Classifier(nn.Module):
+    """What gets exported: raw images in, class scores out.
+
+    Takes images as ``ToTensor()`` gives them (float, 0..1, shape [N,1,28,28] or [N,28,28]) and applies the
+    training ``Normalize`` itself, so users of the saved model need not know the dataset's mean and std.
+    """
+
+    def __init__(self, net: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1).float()
+        return self.net((x - self.mean) / self.std)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(model: nn.Module) -> int:
+    """Multiply-adds x2 of the Linear layers, forward only (training is about 3x this)."""
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def load_checkpoint(path) -> Classifier:
+    """Rebuild the exported classifier from ``checkpoint/model.pt`` (its config is saved beside it)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = MLP(**ckpt["model_args"])
+    net.load_state_dict(ckpt["state_dict"])
+    return Classifier(net, ckpt["mean"], ckpt["std"]).eval()

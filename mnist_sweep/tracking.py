@@ -1,0 +1,245 @@
+"""The lab notebook: the one module that talks to MLflow.
+
+One MLflow run per Hydra job. What it records, and why:
+
+* params  - the resolved config flattened to dotted keys (``model.hidden``) plus the chosen group options
+            (``choice.optimizer``), so the UI's compare view can put any key on an axis;
+* metrics - per epoch with ``step=epoch``, sent in one ``log_batch`` per epoch (one ``log_metric`` to SQLite
+            costs ~3 ms - more than a training step - so nothing is logged per step);
+* tags    - git commit and dirtiness, library versions, device, a hash of the resolved config;
+* artifacts - the resolved config and Hydra's ``.hydra/`` folder, the per-epoch log, the confusion matrix,
+            the checkpoint with its config beside it, and the model (``mlflow.pytorch.log_model``).
+
+A run that raises ends FAILED; one interrupted (Ctrl-C, SIGTERM) ends KILLED; never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sqlite3
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mnist_sweep import UserError
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(UserError):
+    """The tracking store cannot be reached or prepared."""
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :])
+
+
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer.
+
+    (MLflow's client would otherwise retry for minutes before giving up.)
+    """
+    import requests
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        response = requests.get(url, timeout=timeout)
+    except requests.RequestException as e:
+        reason = type(e).__name__
+        raise TrackingError(
+            f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it "
+            "(scripts/tracking_server.sh start) or use the local store: mlflow.tracking_uri=sqlite:///mlruns/mlflow.db"
+        ) from e
+    if response.status_code != 200:
+        raise TrackingError(
+            f"MLflow tracking server {tracking_uri} answered HTTP {response.status_code} on /health; "
+            "check the address in mlflow.tracking_uri"
+        )
+
+
+def prepare_sqlite(path: Path) -> None:
+    """Create the database's folder and switch it to write-ahead logging.
+
+    WAL lets readers (the UI) and one writer work at once, and survives the connection: it is a property of
+    the file. Tables are created by MLflow on first use (see ``prepare``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=30) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+def prepare(tracking_uri: str, experiment: str) -> str:
+    """Point MLflow at the store, make sure it and the experiment exist, and return the experiment id.
+
+    Called once per run, and once by the sweep before any trial starts (so parallel trials never race to
+    create tables or the experiment).
+    """
+    import mlflow
+
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("http", "https"):
+        # Bound what the client does when the server goes away mid-run: a few retries, not minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        check_server(tracking_uri)
+    elif scheme == "sqlite":
+        prepare_sqlite(sqlite_path(tracking_uri))
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    for attempt in range(5):
+        try:
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"MLflow experiment {experiment!r} is deleted; restore it (mlflow experiments restore) "
+                        "or pick another name with mlflow.experiment=NAME"
+                    )
+                return found.experiment_id
+            return client.create_experiment(experiment)
+        except TrackingError:
+            raise
+        except Exception as e:  # another process created it (or the tables) at the same moment: look again
+            if attempt == 4:
+                raise TrackingError(f"cannot open MLflow store {tracking_uri}: {str(e).splitlines()[0][:200]}") from e
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def git_state(repo: Path) -> dict[str, str]:
+    """Commit and dirtiness of the code that ran (empty when not in a git checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def version_tags() -> dict[str, str]:
+    import hydra
+    import mlflow
+    import omegaconf
+    import torch
+
+    import mnist_sweep
+
+    return {
+        "version.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.hydra": hydra.__version__,
+        "version.omegaconf": omegaconf.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.mnist_sweep": mnist_sweep.__version__,
+    }
+
+
+class Run:
+    """One MLflow run, written through ``MlflowClient`` with explicit run ids (no hidden global state)."""
+
+    def __init__(self, run_id: str):
+        import mlflow
+
+        self.id = run_id
+        self.client = mlflow.MlflowClient()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.id, str(folder), artifact_path)
+
+    def log_model(self, model, example) -> str:
+        """Log the model so that ``mlflow.pyfunc.load_model(uri).predict(images)`` returns class scores."""
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        with mlflow.start_run(run_id=self.id):  # log_model writes to the active run
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, output),
+                input_example=example,
+                # Given explicitly: inferring them loads the model again in a subprocess (seconds per run).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                code_paths=[str(Path(__file__).parent)],  # the model's classes travel with it
+            )
+        return info.model_uri
+
+
+@contextmanager
+def start_run(
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+):
+    """Open a run and guarantee it ends with the right status.
+
+    FINISHED on success; KILLED on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by app.py);
+    FAILED on any other exception, with the reason as the ``error`` tag.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if parent_run_id:
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    status = "FAILED"
+    try:
+        yield Run(run.info.run_id)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as e:
+        try:
+            client.set_tag(run.info.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+        except Exception:  # the store itself may be what failed; the status below matters more
+            pass
+        raise
+    finally:
+        try:
+            client.set_terminated(run.info.run_id, status=status)
+        except Exception as e:
+            log.error("could not mark MLflow run %s %s: %s", run.info.run_id, status, e)

@@ -1,0 +1,267 @@
+"""The lessons: pick a device, build the optimiser and schedule, then train and evaluate.
+
+Everything here takes plain Python values and torch objects, never the Hydra config, so each step can be
+used and tested on its own. ``fit`` is the whole training loop, top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mnist_sweep import UserError
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(UserError):
+    """The requested device does not exist on this machine."""
+
+
+class DivergedError(UserError):
+    """The loss became NaN or infinite: training cannot recover, so the run stops at once."""
+
+    exit_code = 1  # the config was valid; the run failed
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is a clear error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("device=cuda but this machine has no usable CUDA GPU; use device=cpu or device=auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {name} does not exist ({torch.cuda.device_count()} GPU(s)); use device.type=cuda:0"
+            )
+    if name == "mps" and not has_mps:
+        raise DeviceError("device=mps but Apple's Metal backend is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str, final: float) -> float:
+    """The learning rate at ``step`` of ``total``, as a fraction of the optimiser's base lr.
+
+    Linear warm-up from ``start`` to 1 over the first ``warmup`` fraction of the steps, then hold (``none``)
+    or decay to ``final`` (``cosine`` or ``linear``) over the rest.
+    """
+    n_warm = int(round(warmup * total))
+    if step < n_warm:
+        return start + (1 - start) * step / n_warm
+    if decay == "none":
+        return 1.0
+    progress = (step - n_warm) / max(1, total - n_warm - 1)
+    progress = min(1.0, progress)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return final + (1 - final) * shape
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (matmuls in bfloat16, reductions in fp32) or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    acc: float
+    confusion: torch.Tensor  # [true class, predicted class] counts
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        totals = self.confusion.sum(1).clamp(min=1)
+        return (self.confusion.diag() / totals).tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int = 10, precision: str = "fp32"):
+    """Loss, accuracy and confusion matrix over a whole split. Sums stay on the device until the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        n += len(y)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    return Evaluation(
+        loss=loss_sum.item() / max(n, 1), acc=confusion.diag().sum().item() / max(n, 1), confusion=confusion
+    )
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    samples_per_s: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train/loss": self.train_loss,
+            "train/acc": self.train_acc,
+            "val/loss": self.val_loss,
+            "val/acc": self.val_acc,
+            "lr": self.lr,
+            "epoch_time_s": self.seconds,
+            "train/samples_per_s": self.samples_per_s,
+        }
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    train_seconds: float = 0.0  # time inside the training loop (epochs and their validation)
+
+    @property
+    def val_acc(self) -> float:
+        return self.epochs[self.best_epoch - 1].val_acc
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when a person is watching (stderr is a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total, self.label, self.last = total, label, 0.0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and done < self.total):
+            return
+        self.last = now
+        filled = int(30 * done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * (len(self.label) + 50) + "\r")
+            sys.stderr.flush()
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    device: torch.device,
+    schedule: Callable[[int, int], float] = lambda step, total: 1.0,
+    precision: str = "fp32",
+    patience: int = 0,
+    grad_clip: float = 0.0,
+    label_smoothing: float = 0.0,
+    max_loss: float = 100.0,
+    num_classes: int = 10,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train for ``epochs`` (or until val/acc stops improving for ``patience`` epochs) and return the history.
+
+    With early stopping, the weights of the best epoch are restored at the end. A training loss that is NaN,
+    infinite or above ``max_loss`` (random guessing scores ln(10) = 2.3) stops the run with DivergedError.
+    """
+    limit = max_loss if max_loss > 0 else math.inf
+    total_steps = epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, total_steps))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    # On a GPU, reading a value back (.item()) stalls the pipeline, so the loss is only checked every few
+    # steps there; on the CPU the check is free and catches a diverging run at the very step it happens.
+    check_every = 1 if device.type == "cpu" else 50
+    result, best_state, stale = FitResult(), None, 0
+    t_fit = time.perf_counter()
+
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host round trip per step
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        bar = Progress(progress, len(train_loader), f"epoch {epoch}/{epochs}")
+        for step, (x, y) in enumerate(train_loader, 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            if step % check_every == 0 and not loss <= limit:  # `not <=` also catches NaN
+                raise DivergedError(
+                    f"training diverged: loss {loss.item():.4g} at epoch {epoch}, step {step} "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optimizer.lr or set trainer.grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(step)
+        bar.close()
+        train_loss = loss_sum.item() / seen
+        if not train_loss <= limit:
+            raise DivergedError(
+                f"training diverged: mean loss {train_loss:.4g} in epoch {epoch}; "
+                "lower optimizer.lr or set trainer.grad_clip"
+            )
+        train_time = time.perf_counter() - t0
+
+        val = evaluate(model, val_loader, device, num_classes, precision) if len(val_loader) else None
+        er = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=correct.item() / seen,
+            val_loss=val.loss if val else float("nan"),
+            val_acc=val.acc if val else float("nan"),
+            lr=lr,
+            seconds=time.perf_counter() - t0,
+            samples_per_s=seen / train_time,
+        )
+        result.epochs.append(er)
+        if on_epoch:
+            on_epoch(er)
+
+        # Early stopping on the validation set (the mock exam), never on the test set.
+        if result.best_epoch == 0 or not (er.val_acc <= result.val_acc):
+            result.best_epoch, stale = epoch, 0
+            if patience:
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if patience and stale >= patience:
+                log.info("early stop: val/acc has not improved for %d epochs", patience)
+                break
+
+    if patience and best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.epochs)  # without early stopping, the model is the last epoch's
+    result.train_seconds = time.perf_counter() - t_fit
+    return result
