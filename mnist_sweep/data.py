@@ -9,7 +9,7 @@ the model one batch at a time. This module builds all three, in two flavours wit
 * ``loader=tensor`` (default) - the same images decoded once into one uint8 tensor (cached on disk), moved to
   the device once, normalised once with the same mean/std, and batches sliced from a seeded ``randperm``.
 
-Both draw the epoch's order from the same seeded generator, so they yield the same batches in the same order.
+Both draw each epoch's order from the same seeded generator, so they yield the same batches in the same order.
 
 The data split: the 60,000 training images are cut, with a fixed seed, into a training set (the book) and a
 validation set (the mock exam, used to choose hyper-parameters and for early stopping); the official 10,000
@@ -304,43 +304,46 @@ def normalize(images_u8: torch.Tensor, mean: float, std: float, device: torch.de
     return x.sub_(mean).div_(std)
 
 
-class TensorLoader:
-    """A conveyor belt over tensors already on the device: each epoch, a seeded ``randperm`` cut into batches.
+class EpochShuffle(torch.utils.data.Sampler):
+    """The order of one epoch: a fresh ``randperm`` from the run's seeded generator, every epoch.
 
-    Yields the same batches as ``DataLoader(dataset, batch_size, shuffle=True, generator=g)`` with the same
-    generator state (torch's RandomSampler draws ``randperm(n, generator=g)`` too), without per-sample work.
+    It is what ``DataLoader(shuffle=True)`` does; written out so that both loaders draw exactly the same
+    order (torch's own sampler also draws numbers for worker seeds, which the tensor loader has no use for).
     """
 
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        shuffle: bool,
-        generator: torch.Generator | None = None,
-        drop_last: bool = False,
-    ):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
 
     def __len__(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.n
 
     def __iter__(self):
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        if order is not None:
-            order = order.to(self.x.device)
-        for i in range(len(self)):
-            if order is None:
-                yield (
-                    self.x[i * self.batch_size : (i + 1) * self.batch_size],
-                    self.y[i * self.batch_size : (i + 1) * self.batch_size],
-                )
-            else:
-                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-                yield self.x[idx], self.y[idx]
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+class TensorLoader:
+    """A conveyor belt over tensors already on the device: batches sliced from the epoch's ``randperm``.
+
+    Yields the same batches as ``DataLoader(dataset, batch_size, sampler=EpochShuffle(n, g))`` - the
+    tutorial's pipeline - with no per-sample work at all.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)  # the last batch may be smaller, as with DataLoader
+
+    def __iter__(self):
+        n, bs = len(self.x), self.batch_size
+        if self.generator is None:  # evaluation: in order
+            for i in range(0, n, bs):
+                yield self.x[i : i + bs], self.y[i : i + bs]
+            return
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        for i in range(0, n, bs):
+            idx = order[i : i + bs]
+            yield self.x[idx], self.y[idx]
 
 
 @dataclass
@@ -387,9 +390,9 @@ def build_loaders(
         y_test = arrays["test_labels"].long().to(device)
         tr, va = train_idx.to(device), val_idx.to(device)
         return Loaders(
-            train=TensorLoader(x_all[tr], y_all[tr], batch_size, shuffle=True, generator=generator),
-            val=TensorLoader(x_all[va], y_all[va], eval_batch_size, shuffle=False),
-            test=TensorLoader(x_test, y_test, eval_batch_size, shuffle=False),
+            train=TensorLoader(x_all[tr], y_all[tr], batch_size, generator=generator),
+            val=TensorLoader(x_all[va], y_all[va], eval_batch_size),
+            test=TensorLoader(x_test, y_test, eval_batch_size),
             n_train=len(tr),
             n_val=len(va),
             n_test=len(x_test),
@@ -408,7 +411,8 @@ def build_loaders(
         pin = device.type == "cuda"
         kw = dict(num_workers=num_workers, pin_memory=pin)
         return Loaders(
-            train=DataLoader(train_part, batch_size=batch_size, shuffle=True, generator=generator, **kw),
+            # The tutorial's shuffle=True, with the order drawn from the run's seeded generator.
+            train=DataLoader(train_part, batch_size=batch_size, sampler=EpochShuffle(len(train_part), generator), **kw),
             val=DataLoader(val_part, batch_size=eval_batch_size, shuffle=False, **kw),
             test=DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, **kw),
             n_train=len(train_part),

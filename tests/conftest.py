@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny synthetic IDX files for unit tests, and the real MNIST copy for end-to-end runs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# CI and the developers' machines keep a verified copy of MNIST beside the checkout (no network here).
+MNIST = Path(os.environ.get("MNIST_SWEEP_TEST_DATA", REPO.parent / "shared" / "datasets" / "mnist"))
+
+
+def write_idx(path: Path, array: torch.Tensor, compress: bool = False) -> Path:
+    """Write a uint8 tensor as an IDX file (the format of the MNIST distribution)."""
+    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}i", *array.shape)
+    payload = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_dataset(folder: Path, n_train: int = 120, n_test: int = 40, compress: bool = False, seed: int = 0):
+    """Four tiny IDX files whose images carry their label (so a model can learn them quickly)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, lab in enumerate(labels.tolist()):  # a bright bar whose row encodes the class
+            images[i, 2 + 2 * lab : 4 + 2 * lab, 4:24] = 250
+        out[f"{split}-images-idx3-ubyte"] = write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
+        out[f"{split}-labels-idx1-ubyte"] = write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
+    return out
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    root = tmp_path / "tiny"
+    files = make_dataset(root)
+    return root, files
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists():
+        pytest.fail(f"MNIST not found at {MNIST}: set MNIST_SWEEP_TEST_DATA to a folder with the four IDX files")
+    return MNIST
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-tensor cache for the whole session, as users get across runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_py(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python train.py OVERRIDES...` for real, the way a user does."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,103 @@
+"""The config tree through Hydra's compose API: every preset composes, and bad values are refused."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import ValidationError
+
+from conftest import REPO
+from mnist_sweep import app, config, model
+
+CONF = REPO / "conf"
+GROUPS = ["model", "optimizer", "scheduler", "data", "device", "trainer", "mlflow"]
+
+
+def _compose(*overrides):
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_compose_and_check():
+    cfg = _compose()
+    settings = config.check(cfg)
+    assert settings.model.hidden == 256 and settings.model.depth == 2
+    assert settings.data.batch_size == 256 and settings.data.val_size == 5000
+    assert cfg.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+
+
+@pytest.mark.parametrize("override", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_preset_composes_and_instantiates(override):
+    import torch
+
+    cfg = _compose(override)
+    settings = config.check(cfg)
+    net = model.MLP(
+        hidden=settings.model.hidden,
+        depth=settings.model.depth,
+        activation=settings.model.activation,
+        dropout=settings.model.dropout,
+        norm=settings.model.norm,
+    )
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+def test_optimizer_presets_build_the_right_class():
+    import torch
+
+    for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        cfg = _compose(f"optimizer={name}", "optimizer.lr=0.01")
+        opt = instantiate(cfg.optimizer, _convert_="all")(torch.nn.Linear(2, 2).parameters())
+        assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.01
+
+
+def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("model.hidden=abc")
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "model.hidden" in app.explain(info.value)
+    with pytest.raises(ConfigCompositionException):
+        _compose("model.hiden=3")
+    with pytest.raises(ConfigCompositionException):
+        _compose("optimizer.momentum=0.5")  # adam has no momentum; its schema says so
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.hidden=0", "model.hidden=0"),
+        ("model.depth=-1", "model.depth=-1"),
+        ("model.activation=swish2", "model.activation"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("data.val_size=60000", "data.val_size"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("device.type=tpu", "device"),
+    ],
+)
+def test_out_of_range_values_are_rejected_before_any_work(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.check(_compose(override))
+
+
+def test_missing_option_lists_the_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as info:
+        _compose("optimizer=lion")
+    assert app.explain(info.value) == (
+        "optimizer=lion does not exist; choose one of: adam, adamw, sgd (e.g. optimizer=adam)"
+    )
+
+
+def test_config_hash_ignores_where_things_go_but_not_what_is_computed():
+    base = config.config_hash(_compose())
+    assert config.config_hash(_compose("data.root=/elsewhere", "mlflow.experiment=x")) == base
+    assert config.config_hash(_compose("model.hidden=128")) != base
+    assert config.config_hash(_compose("seed=1")) != base

@@ -1,0 +1,142 @@
+"""The model and the training loop, on tiny synthetic data (seconds, no MLflow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mnist_sweep import data, model, training
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("activation", sorted(model.ACTIVATIONS))
+def test_mlp_depth_and_width_are_what_was_asked(depth, activation):
+    net = model.MLP(hidden=32, depth=depth, activation=activation, dropout=0.1, norm="layer")
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == depth + 1
+    assert linears[0].in_features == 784 and linears[-1].out_features == 10
+    assert all(m.out_features == 32 for m in linears[:-1])
+    assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_mlp_rejects_unknown_names():
+    with pytest.raises(ValueError, match="activation"):
+        model.MLP(activation="sigmoidish")
+    with pytest.raises(ValueError, match="norm"):
+        model.MLP(norm="group")
+
+
+def test_checkpoint_roundtrip_gives_the_same_predictions(tmp_path):
+    net = model.MLP(hidden=16, depth=2)
+    ckpt = {
+        "model_args": {"hidden": 16, "depth": 2},
+        "mean": 0.1307,
+        "std": 0.3081,
+        "classes": list("0123456789"),
+        "state_dict": net.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "model.pt")
+    images = torch.rand(3, 1, 28, 28)
+    expected = model.Classifier(net, 0.1307, 0.3081).eval()(images)
+    torch.testing.assert_close(model.load_checkpoint(tmp_path / "model.pt")(images), expected)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "start", "decay", "final", "points"),
+    [
+        (0.0, 1.0, "none", 1.0, {0: 1.0, 50: 1.0, 99: 1.0}),
+        (0.0, 1.0, "cosine", 0.0, {0: 1.0, 99: 0.0}),
+        (0.25, 0.04, "cosine", 0.0, {0: 0.04, 25: 1.0, 99: 0.0}),
+        (0.0, 1.0, "linear", 0.1, {0: 1.0, 99: 0.1}),
+    ],
+)
+def test_lr_schedules(warmup, start, decay, final, points):
+    for step, value in points.items():
+        assert math.isclose(training.lr_multiplier(step, 100, warmup, start, decay, final), value, abs_tol=1e-9)
+
+
+def test_resolve_device():
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert training.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(training.DeviceError, match="no usable CUDA"):
+            training.resolve_device("cuda")
+
+
+def _tiny_fit(tiny_root, cache, seed=0, epochs=3, precision="fp32", lr=3e-3, patience=0, **kw):
+    torch.manual_seed(seed)
+    loaders = data.build_loaders(
+        name="mnist",
+        root=tiny_root,
+        loader="tensor",
+        batch_size=16,
+        eval_batch_size=50,
+        val_size=20,
+        split_seed=0,
+        mean=0.1307,
+        std=0.3081,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        cache_dir=cache,
+        download=False,
+        verify=False,
+    )
+    net = model.MLP(hidden=32, depth=1)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    seen = []
+    result = training.fit(
+        net,
+        loaders.train,
+        loaders.val,
+        opt,
+        epochs=epochs,
+        device=torch.device("cpu"),
+        precision=precision,
+        patience=patience,
+        on_epoch=seen.append,
+        **kw,
+    )
+    test = training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision)
+    return result, test, seen
+
+
+def test_fit_learns_and_reports_every_epoch(tiny_data, tmp_path):
+    result, test, seen = _tiny_fit(tiny_data[0], tmp_path, epochs=4)
+    assert [e.epoch for e in seen] == [1, 2, 3, 4]
+    assert seen[-1].train_loss < seen[0].train_loss
+    assert test.acc > 0.5  # 10 classes: chance is 0.1
+    assert int(test.confusion.sum()) == 40
+    assert set(seen[0].metrics()) >= {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "train/samples_per_s"}
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tiny_data, tmp_path):
+    a = _tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
+    b = _tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
+    c = _tiny_fit(tiny_data[0], tmp_path, seed=2)[2]
+    assert [e.train_loss for e in a] == [e.train_loss for e in b]
+    assert [e.val_acc for e in a] == [e.val_acc for e in b]
+    assert [e.train_loss for e in a] != [e.train_loss for e in c]
+
+
+def test_bf16_stays_close_to_fp32(tiny_data, tmp_path):
+    fp32 = _tiny_fit(tiny_data[0], tmp_path, epochs=4)[1]
+    bf16 = _tiny_fit(tiny_data[0], tmp_path, epochs=4, precision="bf16")[1]
+    assert abs(fp32.acc - bf16.acc) <= 0.1  # stated tolerance on 40 test images: 4 images
+    assert abs(fp32.loss - bf16.loss) <= 0.25
+
+
+def test_diverging_loss_stops_at_once(tiny_data, tmp_path):
+    with pytest.raises(training.DivergedError, match="diverged.*step 1"):
+        _tiny_fit(tiny_data[0], tmp_path, lr=1e6, max_loss=1e-6)
+    with pytest.raises(training.DivergedError, match="lower optimizer.lr"):
+        _tiny_fit(tiny_data[0], tmp_path, lr=1e6)
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_data, tmp_path):
+    result, _, seen = _tiny_fit(tiny_data[0], tmp_path, epochs=30, patience=2, lr=1e-2)
+    assert len(seen) < 30  # stopped early
+    best = max(e.val_acc for e in seen)
+    assert result.val_acc == best
+    assert seen[result.best_epoch - 1].val_acc == best
