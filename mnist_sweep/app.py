@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> float:
             mlrun.log_artifacts(out_dir / ".hydra", "hydra")
         if settings.mlflow.log_model:
             example = (loaders_example(loaders, d.mean, d.std)).numpy()
-            mlrun.log_model(model.Classifier(net, d.mean, d.std), example)
+            mlrun.log_model(model.Classifier(net, d.mean, d.std), example, settings.mlflow.model_format)
         _flush_logs()
         for log_file in out_dir.glob("*.log"):
             mlrun.log_artifact(log_file)
@@ -389,6 +389,7 @@ def cli(hydra_main) -> None:
     _sigterm_to_interrupt()
     try:
         hydra_main()
+        _exit_now(0)
     except KeyboardInterrupt:
         print("interrupted: the MLflow run was closed as KILLED", file=sys.stderr)
         sys.exit(130)
@@ -397,3 +398,15 @@ def cli(hydra_main) -> None:
             raise
         print(f"error: {explain(e)}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's teardown, once every run is closed and every stream flushed.
+
+    Freeing torch's (CUDA build) library state at interpreter exit takes ~1.4 s here, a tenth of a short run.
+    Nothing is lost: MLflow runs are ended and their writes committed before this point.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -218,6 +218,7 @@ class MlflowConfig:
     experiment: str = "mnist-sweep"
     run_name: str | None = None  # default: built from the command-line overrides
     log_model: bool = True  # mlflow.pytorch.log_model with signature and input example
+    model_format: str = "pickle"  # pickle (fast, code travels with it) | pt2 (torch.export, ~2 s more per run)
 
     def __post_init__(self) -> None:
         _require(
@@ -226,6 +227,13 @@ class MlflowConfig:
             repr(self.experiment),
             "must not be empty",
             "mlflow.experiment=mnist",
+        )
+        _require(
+            self.model_format in ("pickle", "pt2"),
+            "mlflow.model_format",
+            self.model_format,
+            "choose pickle or pt2",
+            "mlflow.model_format=pt2",
         )
 
 
