@@ -8,7 +8,7 @@ composes the config; a value of the right type but out of range (``model.hidden=
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -190,6 +190,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     max_loss: float = 100.0  # stop as diverged when the training loss is NaN, inf or above this; 0 = only NaN/inf
     progress: bool = True  # a progress bar while an epoch runs (only when attached to a terminal)
+    test: bool = True  # score the test set at the end; a search's trials set it false (validation only)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1", "trainer.epochs=5")
@@ -238,6 +239,25 @@ class MlflowConfig:
 
 
 @dataclass
+class OptunaTrialConfig:
+    """Set by the Optuna sweeper on each trial of a search (mnist_sweep/search.py); null outside a search."""
+
+    storage: str | None = None
+    study: str | None = None
+    trial: int | None = None
+    pruner: str = "median"
+    warmup_epochs: int = 1
+    startup_trials: int = 5
+
+
+@dataclass
+class SweepConfig:
+    """How a multirun treats trials that already ran (mnist_sweep/sweep.py)."""
+
+    rerun: bool = False  # false: a trial whose config already FINISHED in the experiment is skipped (resume)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     optimizer: Any = MISSING  # one of SGDConfig / AdamConfig / AdamWConfig, chosen by `optimizer=...`
@@ -246,7 +266,9 @@ class Config:
     device: DeviceConfig = MISSING
     trainer: TrainerConfig = MISSING
     mlflow: MlflowConfig = MISSING
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
+    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
 
 
 def register() -> None:
@@ -265,7 +287,7 @@ def check(cfg: DictConfig) -> Config:
 
 
 # Keys that name where things go, not what is computed: left out of the config hash.
-NOT_HASHED = ("mlflow", "data.root", "data.cache_dir", "data.num_workers", "trainer.progress")
+NOT_HASHED = ("mlflow", "sweep", "optuna", "data.root", "data.cache_dir", "data.num_workers", "trainer.progress")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

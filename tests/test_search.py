@@ -1,0 +1,147 @@
+"""The Optuna sweeper (mnist_sweep/search.py): search space, pruning, resume, and the best-config preset.
+
+Most checks drive a stand-in task (tests/search_app: no data, a known optimum at x = 0.3) through
+`-m hydra/sweeper=...`, so they test the sweeper itself in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from mnist_sweep import config, search
+
+APP = Path(__file__).parent / "search_app" / "app.py"
+
+
+def _search(tmp_path, *overrides, name="run"):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),  # hydra finds the sweeper in REPO/hydra_plugins
+        "SWEEP_LOG": str(tmp_path / "trials.log"),
+        "SWEEP_DIR": str(tmp_path / name),
+        "SWEEP_STORAGE": f"sqlite:///{tmp_path}/optuna.db",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(APP), "-m", *overrides], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = (tmp_path / "trials.log").read_text().splitlines() if (tmp_path / "trials.log").exists() else []
+    return proc, lines
+
+
+def _study(tmp_path):
+    return optuna.load_study(study_name="stand-in", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_parse_space_maps_hydra_sweeps_to_optuna_distributions():
+    fixed, space = search.parse_space(
+        [
+            "model.hidden=choice(128,256)",
+            "optimizer=adam,sgd",
+            "model.depth=range(1,4)",
+            "optimizer.lr=tag(log,interval(1e-4,1e-2))",
+            "model.dropout=interval(0.0,0.5)",
+            "data.batch_size=int(interval(64,512))",
+            "trainer.epochs=3",
+        ]
+    )
+    assert fixed == ["trainer.epochs=3"]
+    D = optuna.distributions
+    assert space["model.hidden"] == D.CategoricalDistribution([128, 256])
+    assert space["optimizer"] == D.CategoricalDistribution(["adam", "sgd"])
+    assert space["model.depth"] == D.CategoricalDistribution([1, 2, 3])
+    assert space["optimizer.lr"] == D.FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["model.dropout"] == D.FloatDistribution(0.0, 0.5)
+    assert space["data.batch_size"] == D.IntDistribution(64, 512)
+
+
+def test_search_finds_the_optimum_prunes_and_tests_only_the_best(tmp_path):
+    proc, lines = _search(
+        tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=12", "hydra.sweeper.startup_trials=3"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(states) == 12
+    assert states.count(optuna.trial.TrialState.PRUNED) >= 1
+    assert abs(study.best_params["x"] - 0.3) < 0.15
+    trial_epochs = [line for line in lines if "test=False" in line]
+    assert len(trial_epochs) < 12 * 4  # pruning cut some trials short
+    tested = [line for line in lines if "test=True" in line]
+    assert len(tested) == 4 and all(f"x={study.best_params['x']}" in line for line in tested)
+    assert "best trial" in proc.stderr + proc.stdout
+
+
+def test_pruner_none_runs_every_epoch(tmp_path):
+    proc, lines = _search(
+        tmp_path,
+        "x=interval(0.0,1.0)",
+        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.pruner=none",
+        "hydra.sweeper.test_best=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(lines) == 5 * 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in _study(tmp_path).trials)
+
+
+def test_relaunch_resumes_the_study_and_runs_only_what_is_missing(tmp_path):
+    first, lines1 = _search(
+        tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=3", "hydra.sweeper.test_best=false", name="a"
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(_study(tmp_path).trials) == 3
+    second, lines2 = _search(
+        tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=5", "hydra.sweeper.test_best=false", name="b"
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(_study(tmp_path).trials) == 5
+    assert len({line.split()[0] for line in lines2[len(lines1) :]}) == 2  # two new trials only
+
+
+def test_trial_left_running_by_a_killed_launch_is_run_again(tmp_path):
+    study = optuna.create_study(study_name="stand-in", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # never told: RUNNING
+    proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=2", "hydra.sweeper.test_best=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = {t.number: t.state for t in _study(tmp_path).trials}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert any(f"x={orphan.params['x']}" in line for line in lines)  # same parameters, run again
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
+
+
+def test_empty_search_space_is_a_clear_error(tmp_path):
+    proc, _ = _search(tmp_path, "x=0.2")
+    assert proc.returncode != 0
+    assert "search space is empty" in proc.stderr
+
+
+def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
+    text = search.preset_yaml(
+        {"optimizer": "sgd", "optimizer.lr": 0.02, "model.hidden": 512, "trainer.epochs": 3},
+        "# test preset\n",
+    )
+    conf = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(REPO / "conf", conf)
+    (conf / "experiment" / "found_test.yaml").write_text(text)
+    config.register()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=found_test"])
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.02
+    assert cfg.model.hidden == 512 and cfg.trainer.epochs == 3
+
+
+@pytest.mark.parametrize("name", ["none", "median", "hyperband"])
+def test_pruners(name):
+    assert search.make_pruner(name, 1, 5, 10) is not None
+    with pytest.raises(search.SearchError, match="choose none, median or hyperband"):
+        search.make_pruner("asha2", 1, 5, 10)
