@@ -129,6 +129,32 @@ class SchedulerConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Distortions of the training batches, on the device (mnist_sweep/augment.py); evaluation never sees them."""
+
+    strength: float = 0.0  # 0 = off; scales every magnitude below (sweep this one)
+    rotate: float = 12.0  # degrees, either way
+    shear: float = 8.0  # degrees
+    scale: float = 0.1  # zoom in or out by up to this fraction
+    shift: float = 0.1  # fraction of the image size
+    elastic_alpha: float = 2.5  # peak elastic displacement in pixels (0 = affine only)
+    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+
+    def __post_init__(self) -> None:
+        for key in ("strength", "rotate", "shear", "scale", "shift", "elastic_alpha"):
+            value = getattr(self, key)
+            _require(value >= 0, f"data.augment.{key}", value, "must be >= 0", f"data.augment.{key}=0")
+        _require(self.scale < 1, "data.augment.scale", self.scale, "must be below 1", "data.augment.scale=0.1")
+        _require(
+            self.elastic_sigma > 0,
+            "data.augment.elastic_sigma",
+            self.elastic_sigma,
+            "must be > 0",
+            "data.augment.elastic_sigma=4",
+        )
+
+
+@dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist
     root: str = "data"  # holds the four IDX files (or torchvision's <Class>/raw/); downloaded there if absent
@@ -143,6 +169,7 @@ class DataConfig:
     verify: bool = True  # check each file's SHA-256 (once; the result is cached)
     cache_dir: str | None = None  # decoded tensors and checksum records; default ~/.cache/mnist-sweep
     num_workers: int = 0  # DataLoader worker processes (torchvision loader only)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         from mnist_sweep.data import DATASETS

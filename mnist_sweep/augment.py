@@ -1,0 +1,87 @@
+"""Data augmentation on the device: new variants of the book's pages, drawn fresh for every batch.
+
+Two distortions, applied to a whole normalised batch at once (no per-image Python work), only while
+training - evaluation always sees the images as they are:
+
+* a random **affine** map per image: rotation, shear, scale and shift;
+* an **elastic** distortion (Simard et al., 2003): a random displacement field per image, smoothed by a
+  Gaussian of width ``elastic_sigma`` pixels and scaled to ``elastic_alpha`` pixels - the wobble of a
+  different hand writing the same digit.
+
+Both become one sampling grid, so the image is resampled once. ``strength`` scales every magnitude:
+0 switches augmentation off, 1 uses the magnitudes as given; it is the knob to sweep
+(``data.augment.strength=0,0.5,1``). The model stays a pure feedforward net: nothing here is learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class Augment:
+    def __init__(
+        self,
+        strength: float = 1.0,
+        rotate: float = 12.0,
+        shear: float = 8.0,
+        scale: float = 0.1,
+        shift: float = 0.1,
+        elastic_alpha: float = 0.0,
+        elastic_sigma: float = 4.0,
+    ):
+        self.strength = strength
+        self.rotate, self.shear, self.scale, self.shift = rotate, shear, scale, shift
+        self.alpha, self.sigma = elastic_alpha, elastic_sigma
+
+    @property
+    def active(self) -> bool:
+        magnitudes = (self.rotate, self.shear, self.scale, self.shift, self.alpha)
+        return self.strength > 0 and any(m > 0 for m in magnitudes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A distorted copy of the batch ``x`` [B, 1, H, W] (same shape, same order: labels still match)."""
+        if not self.active:
+            return x
+        b, _, h, w = x.shape
+        s = self.strength
+        grid = F.affine_grid(self._affine(b, s, x.device), list(x.shape), align_corners=False)
+        if self.alpha > 0:
+            grid = grid + self._elastic(b, h, w, s, x.device)
+        # "border" repeats the edge pixels - the background - instead of inventing zeros, which after
+        # Normalize would not be the background colour.
+        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _affine(self, b: int, s: float, device) -> torch.Tensor:
+        def uniform(limit: float) -> torch.Tensor:
+            return (torch.rand(b, device=device) * 2 - 1) * limit * s
+
+        angle = uniform(math.radians(self.rotate))
+        shear = uniform(math.radians(self.shear))
+        zoom = 1 + uniform(self.scale)
+        tx, ty = uniform(2 * self.shift), uniform(2 * self.shift)  # grid coordinates span 2 units
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(b, 2, 3, device=device)
+        # rotation @ shear (along x), divided by the zoom (the grid maps output pixels to input pixels)
+        theta[:, 0, 0] = cos / zoom
+        theta[:, 0, 1] = (cos * torch.tan(shear) - sin) / zoom
+        theta[:, 1, 0] = sin / zoom
+        theta[:, 1, 1] = (sin * torch.tan(shear) + cos) / zoom
+        theta[:, 0, 2], theta[:, 1, 2] = tx, ty
+        return theta
+
+    def _elastic(self, b: int, h: int, w: int, s: float, device) -> torch.Tensor:
+        noise = torch.rand(b * 2, 1, h, w, device=device) * 2 - 1
+        radius = max(1, int(3 * self.sigma))
+        t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        kernel = torch.exp(-(t**2) / (2 * self.sigma**2))
+        kernel = kernel / kernel.sum()
+        # A separable Gaussian blur turns white noise into a smooth displacement field.
+        field = F.conv2d(F.pad(noise, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+        field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+        field = field / field.abs().amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)  # peak displacement 1
+        field = field.view(b, 2, h, w).permute(0, 2, 3, 1)  # -> [B, H, W, (dx, dy)] like the grid
+        pixels_to_grid = torch.tensor([2 / w, 2 / h], device=device)
+        return field * self.alpha * s * pixels_to_grid

@@ -1,0 +1,56 @@
+"""Augmentation (mnist_sweep/augment.py) on synthetic images: shapes, labels, identity at zero, real change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnist_sweep.augment import Augment
+
+
+def _digits(n=8):
+    x = torch.full((n, 1, 28, 28), -0.4242)  # the normalised background
+    x[:, :, 6:22, 12:16] = 2.8  # a bright vertical stroke
+    return x
+
+
+def test_zero_strength_is_the_identity():
+    x = _digits()
+    assert Augment(strength=0.0, elastic_alpha=30)(x) is x
+    assert not Augment(strength=1.0, rotate=0, shear=0, scale=0, shift=0, elastic_alpha=0).active
+
+
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
+def test_shape_dtype_and_order_are_kept(alpha):
+    torch.manual_seed(0)
+    x = _digits()
+    y = Augment(strength=1.0, elastic_alpha=alpha)(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert not torch.equal(x, y)
+    # Each output is still a distortion of *its own* input: closer to it than to a shifted stroke.
+    other = torch.roll(x, shifts=8, dims=3)
+    assert ((y - x).abs().mean(dim=(1, 2, 3)) < (y - other).abs().mean(dim=(1, 2, 3))).all()
+
+
+def test_background_stays_background():
+    torch.manual_seed(0)
+    x = torch.full((4, 1, 28, 28), -0.4242)
+    y = Augment(strength=1.0, rotate=30, shift=0.2, elastic_alpha=3)(x)
+    torch.testing.assert_close(y, x)  # nothing is invented at the borders
+
+
+def test_tiny_strength_barely_moves_pixels():
+    torch.manual_seed(0)
+    x = _digits()
+    small = (Augment(strength=0.01, elastic_alpha=3)(x) - x).abs().mean()
+    large = (Augment(strength=1.0, elastic_alpha=3)(x) - x).abs().mean()
+    assert small < large / 5
+
+
+def test_seeded_draws_repeat():
+    x = _digits()
+    torch.manual_seed(3)
+    a = Augment(elastic_alpha=20)(x)
+    torch.manual_seed(3)
+    b = Augment(elastic_alpha=20)(x)
+    assert torch.equal(a, b)
