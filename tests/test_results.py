@@ -1,0 +1,49 @@
+"""docs/RESULTS.md generation (mnist_sweep/results.py) from a real MLflow store holding hand-made runs."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+from mnist_sweep import results
+
+
+def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choice="best"):
+    run = client.create_run(exp)
+    for k, v in {
+        "seed": seed,
+        "model.hidden": hidden,
+        "model.depth": 2,
+        "model.activation": "relu",
+        "model.dropout": 0.0,
+        "optimizer.name": "adam",
+        "optimizer.lr": 0.003,
+        "trainer.epochs": 5,
+        "choice.experiment": experiment_choice,
+    }.items():
+        client.log_param(run.info.run_id, k, v)
+    client.log_metric(run.info.run_id, "test/acc", test_acc)
+    client.log_metric(run.info.run_id, "best_val/acc", test_acc - 0.001)
+    client.log_metric(run.info.run_id, "train_time_s", 10.0)
+    client.set_terminated(run.info.run_id, status)
+
+
+def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    for seed, acc in ((0, 0.990), (1, 0.992), (2, 0.994)):
+        _run(client, exp, seed, 1024, acc)
+    _run(client, exp, 0, 128, 0.980, experiment_choice="None")
+    _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
+    rows = results.collect(uri, "e")
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0]]
+    assert rows[0]["recipe"] == "best" and rows[1]["recipe"] == "-"
+    text = results.markdown(rows, "python -m mnist_sweep.results")
+    assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 0.0 | 0,1,2 | 99.20 ± 0.20 |" in text
+    assert "| 98.00 |" in text and "50.00" not in text
+
+
+def test_main_writes_the_file(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    results.main(["--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--experiment", "nothing", "--out", str(out)])
+    assert "no finished runs" in out.read_text()
