@@ -44,6 +44,28 @@ def make_dataset(folder: Path, n_train: int = 120, n_test: int = 40, compress: b
     return out
 
 
+def tiny_loaders(root, cache, loader="tensor", batch_size=16, eval_batch_size=25, seed=3):
+    """The train/val/test loaders over a tiny dataset: 20 validation images, no download, no checksums."""
+    from mnist_sweep import data
+
+    return data.build_loaders(
+        name="mnist",
+        root=root,
+        loader=loader,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        val_size=20,
+        split_seed=0,
+        mean=0.1307,
+        std=0.3081,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        cache_dir=cache,
+        download=False,
+        verify=False,
+    )
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     root = tmp_path / "tiny"

@@ -7,7 +7,7 @@ import gzip
 import pytest
 import torch
 
-from conftest import make_dataset, write_idx
+from conftest import make_dataset, tiny_loaders, write_idx
 from mnist_sweep import data
 
 
@@ -89,22 +89,7 @@ def test_split_is_disjoint_complete_and_seeded():
 
 
 def _loaders(root, cache, loader, batch_size=16, seed=3):
-    return data.build_loaders(
-        name="mnist",
-        root=root,
-        loader=loader,
-        batch_size=batch_size,
-        eval_batch_size=25,
-        val_size=20,
-        split_seed=0,
-        mean=0.1307,
-        std=0.3081,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        cache_dir=cache,
-        download=False,
-        verify=False,
-    )
+    return tiny_loaders(root, cache, loader, batch_size=batch_size, seed=seed)
 
 
 def test_both_loaders_yield_the_same_batches_every_epoch(tiny_data, tmp_path):

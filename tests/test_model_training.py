@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mnist_sweep import data, model, training
+from conftest import tiny_loaders
+from mnist_sweep import model, training
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -67,22 +68,7 @@ def test_resolve_device():
 
 def _tiny_fit(tiny_root, cache, seed=0, epochs=3, precision="fp32", lr=3e-3, patience=0, **kw):
     torch.manual_seed(seed)
-    loaders = data.build_loaders(
-        name="mnist",
-        root=tiny_root,
-        loader="tensor",
-        batch_size=16,
-        eval_batch_size=50,
-        val_size=20,
-        split_seed=0,
-        mean=0.1307,
-        std=0.3081,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        cache_dir=cache,
-        download=False,
-        verify=False,
-    )
+    loaders = tiny_loaders(tiny_root, cache, eval_batch_size=50, seed=seed)
     net = model.MLP(hidden=32, depth=1)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     seen = []
