@@ -10,6 +10,7 @@ device, tracking store, data files) is checked before the first batch is trained
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -69,7 +71,7 @@ def run_name(hc) -> str:
 def params(cfg: DictConfig, hc) -> dict[str, object]:
     """The resolved config as dotted keys, plus which preset each config group came from."""
     flat = config.flatten(OmegaConf.to_container(cfg, resolve=True))
-    flat = {k: v for k, v in flat.items() if not k.startswith(("optimizer._", "mlflow."))}
+    flat = {k: v for k, v in flat.items() if not k.startswith(("optimizer._", "mlflow.", "sweep."))}
     flat["optimizer.name"] = str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
     if hc is not None:
         for group, choice in hc.runtime.choices.items():
@@ -101,7 +103,7 @@ def run(cfg: DictConfig) -> float:
     import torch
     from hydra.utils import instantiate
 
-    from mnist_sweep import data, model, plots, tracking, training
+    from mnist_sweep import data, model, plots, sweep, tracking, training
 
     _quiet_libraries()
     _sigterm_to_interrupt()
@@ -111,9 +113,30 @@ def run(cfg: DictConfig) -> float:
     # 1. Check everything the user gave us, cheapest first, before any compute is spent.
     settings = config.check(cfg)
     device = training.resolve_device(settings.device.type)
-    if settings.device.threads:
-        torch.set_num_threads(settings.device.threads)
     experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
+    threads = settings.device.threads
+    in_sweep = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"
+    trial = sweep.begin_trial(experiment_id, hc) if in_sweep else None
+    if trial is not None:
+        # Resume: a config that already FINISHED in this experiment is not trained again.
+        previous = None if settings.sweep.rerun else sweep.previous_result(experiment_id, config.config_hash(cfg))
+        if previous is not None:
+            trial.reused_from = previous.info.run_id
+            objective = float(previous.data.metrics[sweep.OBJECTIVE_METRIC])
+            print(
+                f"skipped: this config already FINISHED as mlflow run {previous.info.run_id} "
+                f"(val/acc {objective:.4f}); "
+                "sweep.rerun=true trains it again"
+            )
+            return objective
+        # Parallel trials share the machine: divide the cores (and the GPUs) between them.
+        cores = os.cpu_count() or 1
+        threads = threads or sweep.trial_threads(hc.launcher, trial.n_trials, cores)
+        if device.type == "cuda" and device.index is None:
+            n_parallel = sweep.parallel_jobs(hc.launcher, trial.n_trials, cores)
+            device = torch.device(sweep.trial_device("cuda", trial.num, n_parallel, torch.cuda.device_count()))
+    if threads:
+        torch.set_num_threads(threads)
 
     # 2. The raw material and the conveyor belts (data.py). Seeded: same seed + config => same run.
     torch.manual_seed(settings.seed)
@@ -174,9 +197,11 @@ def run(cfg: DictConfig) -> float:
         "config_hash": config.config_hash(cfg),
         "hydra.output_dir": str(out_dir),
     }
-    if hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN":
+    if in_sweep:
         tags["hydra.job.num"] = str(hc.job.num)
-        tags["hydra.sweep.dir"] = str(Path(hc.sweep.dir).resolve())
+        tags[sweep.SWEEP_DIR] = sweep.sweep_dir(hc)
+        tags["trial.overrides"] = json.dumps(list(hc.overrides.task))[:5000]
+        tags["torch.threads"] = str(torch.get_num_threads())
     name = settings.mlflow.run_name or run_name(hc)
     log.info(
         "model: %s, %d weights; optimizer: %s; mlflow run %r",
@@ -186,7 +211,9 @@ def run(cfg: DictConfig) -> float:
         name,
     )
 
-    with tracking.start_run(experiment_id, name, tags) as mlrun:
+    with tracking.start_run(experiment_id, name, tags, trial.parent_id if trial else None) as mlrun:
+        if trial is not None:
+            trial.run_id = mlrun.id
         mlrun.log_params(params(cfg, hc))
         rows: list[dict] = []
 
@@ -384,20 +411,45 @@ def cli(hydra_main) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from mnist_sweep import sweep
+
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's multi-line report
     _sigterm_to_interrupt()
+    # Our presets conf/hydra/launcher/{joblib,submitit_*}.yaml set a few fields of the plugins' schemas of the
+    # same name, which Hydra 1.3 merges as intended while warning that this might change in a later version.
+    warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/\w+' is validated against ConfigStore schema")
     try:
         hydra_main()
+        summary = sweep.finish()  # normally done by the callback's on_multirun_end already
+        if summary is not None and summary.failed:  # a sweeper that keeps going after a failed trial
+            print(f"error: {_failed_line(summary)}", file=sys.stderr)
+            _exit_now(1)
         _exit_now(0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        sweep.finish(e)
         print("interrupted: the MLflow run was closed as KILLED", file=sys.stderr)
         sys.exit(130)
-    except (UserError, HydraException, OmegaConfBaseException) as e:
-        if user_wants_traceback:
+    except BaseException as e:
+        # Hydra's basic sweeper raises the first failed trial's exception after the batch has run, without
+        # calling on_multirun_end: close the sweep here, after every trial, and exit non-zero.
+        summary = sweep.finish(e) if not isinstance(e, SystemExit) else None
+        if summary is not None and summary.failed and not user_wants_traceback:
+            print(f"error: {_failed_line(summary)}", file=sys.stderr)
+            _exit_now(1)
+        if not isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or user_wants_traceback:
             raise
         print(f"error: {explain(e)}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+
+
+def _failed_line(summary) -> str:
+    first = summary.failed[0]
+    return (
+        f"{len(summary.failed)} of {len(summary.rows)} trials failed (first: trial {first['trial']}, "
+        f"{first.get('note') or 'no reason recorded'}); the leaderboard above lists them, their MLflow runs "
+        "hold the tracebacks; fix and relaunch the same command to run only what is missing"
+    )
 
 
 def _exit_now(status: int) -> None:
@@ -406,6 +458,10 @@ def _exit_now(status: int) -> None:
     Freeing torch's (CUDA build) library state at interpreter exit takes ~1.4 s here, a tenth of a short run.
     Nothing is lost: MLflow runs are ended and their writes committed before this point.
     """
+    from mnist_sweep import sweep
+
+    if sweep.release_workers():
+        sys.exit(status)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,7 +10,10 @@ One MLflow run per Hydra job. What it records, and why:
 * artifacts - the resolved config and Hydra's ``.hydra/`` folder, the per-epoch log, the confusion matrix,
             the checkpoint with its config beside it, and the model (``mlflow.pytorch.log_model``).
 
-A run that raises ends FAILED; one interrupted (Ctrl-C, SIGTERM) ends KILLED; never left RUNNING.
+A run that raises ends FAILED (reason in the ``error`` tag, traceback as ``traceback.txt``); one interrupted
+(Ctrl-C, SIGTERM) ends KILLED. A process killed outright (kill -9, out of memory) cannot close its run: every
+run carries its owner's host, pid and process start time, and the next launch closes runs whose owner is gone
+as KILLED (``close_orphans``), so none stays RUNNING for ever.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import socket
 import sqlite3
 import subprocess
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,6 +117,53 @@ def prepare(tracking_uri: str, experiment: str) -> str:
                 raise TrackingError(f"cannot open MLflow store {tracking_uri}: {str(e).splitlines()[0][:200]}") from e
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _process_started(pid: int) -> str:
+    """When a process started (clock ticks since boot, Linux), so a reused pid is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_tags() -> dict[str, str]:
+    """Who owns a run while it is RUNNING: this process."""
+    pid = os.getpid()
+    return {"owner.host": socket.gethostname(), "owner.pid": str(pid), "owner.started": _process_started(pid)}
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    try:
+        pid = int(tags["owner.pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (KeyError, ValueError, PermissionError):
+        return True  # not ours to judge
+    started = tags.get("owner.started", "")
+    return not started or _process_started(pid) in ("", started)
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """Close as KILLED the RUNNING runs of this host whose owning process is gone; return their ids.
+
+    Runs owned by other hosts (cluster nodes) are left alone: their processes cannot be checked from here.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
+        tags = run.data.tags
+        if tags.get("owner.host") != host or _owner_alive(tags):
+            continue
+        client.set_tag(run.info.run_id, "error", f"its process (pid {tags.get('owner.pid')}) ended without closing it")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def git_state(repo: Path) -> dict[str, str]:
@@ -229,11 +281,12 @@ def start_run(
     """Open a run and guarantee it ends with the right status.
 
     FINISHED on success; KILLED on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by app.py);
-    FAILED on any other exception, with the reason as the ``error`` tag.
+    FAILED on any other exception, with the reason as the ``error`` tag and the traceback as ``traceback.txt``.
     """
     import mlflow
 
     client = mlflow.MlflowClient()
+    tags = {**tags, **owner_tags()}
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -247,6 +300,7 @@ def start_run(
     except BaseException as e:
         try:
             client.set_tag(run.info.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+            client.log_text(run.info.run_id, traceback.format_exc(), "traceback.txt")
         except Exception:  # the store itself may be what failed; the status below matters more
             pass
         raise

@@ -1,0 +1,548 @@
+"""A sweep is one thing in MLflow: a parent run, its trials nested under it, and a leaderboard at the end.
+
+``python train.py -m KEY=a,b ...`` goes through Hydra's sweeper and launcher; this module hooks into it with
+a Hydra callback (``hydra.callbacks.sweep`` in ``conf/config.yaml``) and a few calls from ``app.py``:
+
+* **before any trial** (``on_multirun_start``, in the launching process): the tracking store and the
+  experiment are prepared once - so parallel trials never race to create SQLite tables - runs that a killed
+  launch left RUNNING are closed as KILLED, and the parent run is created with the sweep's definition
+  (overrides, sweeper, launcher, number of trials) and the absolute ``hydra.sweep.dir`` as a tag;
+* **each trial** (``app.run``, wherever it runs: this process, a joblib worker, a submitit job on another
+  machine) finds its parent by that tag, skips itself when the same config already FINISHED in the
+  experiment (``sweep.rerun=true`` forces it), divides the CPU cores between parallel trials, and nests its
+  run under the parent; ``on_job_end`` then records the trial's outcome on the parent (tag ``trial.<N>``);
+* **at the end** (``finish``, called by ``on_multirun_end`` and, because Hydra's basic sweeper raises the
+  first failed trial's exception instead of calling it, by ``app.cli`` too): the leaderboard (swept keys,
+  objective and status of every trial, mean ± std over seeds when ``seed`` is swept) is written as CSV,
+  Markdown and a plot, logged on the parent, printed with the command that reruns the best trial, and the
+  parent is closed FINISHED, FAILED (a trial failed) or KILLED (interrupted).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mnist_sweep.sweep")
+
+ROLE = "mnist_sweep.role"  # "sweep" on a parent run
+SWEEP_DIR = "hydra.sweep.dir"  # absolute path: the parent and every trial carry it
+TRIAL_PREFIX = "trial."  # parent tag per trial: JSON outcome
+OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation accuracy)
+OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a sweep is: its directory, its swept keys, its size
+# ------------------------------------------------------------------------------------------------------------
+
+
+def sweep_dir(hydra_cfg) -> str:
+    """The absolute sweep folder, the same in every process of the sweep (relative to the launch folder)."""
+    path = Path(str(hydra_cfg.sweep.dir)).expanduser()
+    if not path.is_absolute():
+        base = OmegaConf.select(hydra_cfg, "runtime.cwd") or os.getcwd()
+        path = Path(base) / path
+    return str(path.resolve())
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def definition(config: DictConfig) -> dict[str, Any]:
+    """The sweep as launched: its overrides, swept keys, sweeper, launcher and number of trials."""
+    hc = config.hydra
+    overrides = [str(o) for o in hc.overrides.task]
+    params = OmegaConf.select(hc, "sweeper.params") or {}
+    parsed = _parse([*overrides, *(f"{k}={v}" for k, v in params.items())])
+    swept, sizes = [], []
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            if key not in swept:
+                swept.append(key)
+            if o.is_discrete_sweep():
+                sizes.append(len(list(o.sweep_string_iterator())))
+    n_trials = OmegaConf.select(hc, "sweeper.n_trials")
+    if n_trials is None:
+        n_trials = math.prod(sizes) if len(sizes) == len(swept) else None
+    return {
+        "overrides": overrides,
+        "swept_keys": swept,
+        "sweeper": str(OmegaConf.select(hc, "sweeper._target_") or "?").rsplit(".", 1)[-1],
+        "launcher": str(OmegaConf.select(hc, "launcher._target_") or "?").rsplit(".", 1)[-1],
+        "n_trials": n_trials,
+    }
+
+
+def _name(overrides: list[str], exclude: list[str]) -> str:
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in exclude]
+    return "sweep " + (" ".join(kept) if kept else "(defaults)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dividing the machine between parallel trials
+# ------------------------------------------------------------------------------------------------------------
+
+
+def parallel_jobs(launcher: DictConfig | None, n_trials: int | None, cores: int) -> int:
+    """How many trials of this sweep run at once on one machine, from the launcher's settings."""
+    if launcher is None:
+        return 1
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        n = int(launcher.get("n_jobs") or 1)
+        n = cores + 1 + n if n < 0 else n  # joblib: -1 = all cores, -2 = all but one...
+    elif target.endswith("LocalLauncher"):  # submitit_local starts every trial at once
+        n = n_trials or cores
+    else:
+        return 1
+    if n_trials:
+        n = min(n, n_trials)
+    return max(1, n)
+
+
+def trial_threads(launcher: DictConfig | None, n_trials: int | None, cores: int) -> int:
+    """torch threads for one trial so that parallel trials never oversubscribe the CPU (0 = torch's default)."""
+    if launcher is not None and str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return int(launcher.get("cpus_per_task") or 0)  # the cluster gave each trial its own cores
+    n = parallel_jobs(launcher, n_trials, cores)
+    return 0 if n <= 1 else max(1, cores // n)
+
+
+def trial_device(device: str, job_num: int, n_parallel: int, n_gpus: int) -> str:
+    """Round-robin GPUs between parallel trials: ``cuda`` becomes ``cuda:<job % GPUs>``."""
+    if device == "cuda" and n_parallel > 1 and n_gpus > 1:
+        return f"cuda:{job_num % n_gpus}"
+    return device
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The launching process: start and finish the sweep
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    """The sweep this process launched (there is at most one)."""
+
+    parent_id: str
+    experiment_id: str
+    dir: str
+    spec: dict[str, Any]
+    command: str
+    summary: Summary | None = None
+
+
+@dataclass
+class Summary:
+    rows: list[dict[str, Any]]
+    status: str
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+_ACTIVE: Sweep | None = None
+
+
+def active() -> Sweep | None:
+    return _ACTIVE
+
+
+def start(config: DictConfig) -> Sweep:
+    """Prepare the store once, close what killed launches left RUNNING, create the parent run."""
+    global _ACTIVE
+    from mnist_sweep import app, tracking
+    from mnist_sweep import config as schema
+
+    app._quiet_libraries()
+    job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    schema.check(job_cfg)  # a bad non-swept value fails here, in one line, before the parent exists
+    experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
+    closed = tracking.close_orphans(experiment_id)
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by a launch that was killed: %s", len(closed), ", ".join(closed))
+    spec = definition(config)
+    folder = sweep_dir(config.hydra)
+    exclude = list(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys") or [])
+    tags = {
+        ROLE: "sweep",
+        SWEEP_DIR: folder,
+        "sweep.swept_keys": json.dumps(spec["swept_keys"]),
+        **tracking.git_state(app.REPO),
+        **tracking.version_tags(),
+    }
+    command = "python " + " ".join(shlex.quote(a) for a in [_script(), *sys.argv[1:]])
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id, run_name=_name(spec["overrides"], exclude), tags={**tags, **tracking.owner_tags()}
+    )
+    parent = tracking.Run(run.info.run_id)
+    parent.log_params(
+        {
+            "sweep.overrides": " ".join(spec["overrides"]),
+            "sweep.swept_keys": ", ".join(spec["swept_keys"]),
+            "sweep.sweeper": spec["sweeper"],
+            "sweep.launcher": spec["launcher"],
+            "sweep.n_trials": spec["n_trials"] if spec["n_trials"] is not None else "unknown",
+            "sweep.command": command[:6000],
+        }
+    )
+    _ACTIVE = Sweep(run.info.run_id, experiment_id, folder, spec, command)
+    log.info(
+        "sweep: %s trials (%s, %s), mlflow parent run %s",
+        spec["n_trials"] if spec["n_trials"] is not None else "?",
+        spec["sweeper"],
+        spec["launcher"],
+        run.info.run_id,
+    )
+    return _ACTIVE
+
+
+def _script() -> str:
+    return sys.argv[0] if sys.argv and sys.argv[0] else "train.py"
+
+
+def finish(error: BaseException | None = None) -> Summary | None:
+    """Write the leaderboard and close the parent; safe to call twice (the second call returns the first's)."""
+    global _ACTIVE
+    sweep = _ACTIVE
+    if sweep is None:
+        return None
+    if sweep.summary is not None:
+        return sweep.summary
+    import mlflow
+
+    from mnist_sweep import tracking
+
+    client = mlflow.MlflowClient()
+    interrupted = isinstance(error, KeyboardInterrupt)
+    rows = collect(client, sweep)
+    if not rows and error is not None and not interrupted:
+        # Nothing ran (e.g. a sweep value that does not compose): leave no trace, as for a single run's mistake.
+        client.delete_run(sweep.parent_id)
+        sweep.summary = Summary([], "DELETED")
+        return sweep.summary
+    if interrupted:
+        for child in _children(client, sweep):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+        for r in rows:
+            if r["status"] == "RUNNING":
+                r["status"] = "KILLED"
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
+    best = max(finished, key=lambda r: r["objective"]) if finished else None
+    status = "KILLED" if interrupted else "FAILED" if failed or error is not None else "FINISHED"
+    summary = Summary(rows, status, failed, best)
+    sweep.summary = summary
+    try:
+        keys = sweep.spec["swept_keys"]
+        files = write_leaderboard(Path(sweep.dir), rows, keys)
+        parent = tracking.Run(sweep.parent_id)
+        for f in files:
+            parent.log_artifact(f)
+        metrics = {
+            "trials/finished": len(finished),
+            "trials/failed": len(failed),
+            "trials/reused": sum(1 for r in rows if r.get("reused")),
+        }
+        if best is not None:
+            metrics["best_val/acc"] = best["objective"]
+        parent.log_metrics(metrics)
+        if failed:
+            parent.set_tags({"error": f"{len(failed)} of {len(rows)} trials failed"})
+        elif error is not None and not interrupted:
+            parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        print(render(rows, keys, best, sweep), flush=True)
+    finally:
+        client.set_terminated(sweep.parent_id, status)
+    return summary
+
+
+def release_workers() -> bool:
+    """Stop joblib's reusable worker processes; True when there were any (then exit normally, not fast:
+    joblib cleans its shared-memory folders at interpreter exit, and loky warns about leaks otherwise)."""
+    if "joblib.externals.loky" not in sys.modules:
+        return False
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
+    return True
+
+
+def _children(client, sweep: Sweep):
+    from mlflow.entities import ViewType
+
+    return client.search_runs(
+        [sweep.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{sweep.parent_id}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=50000,
+    )
+
+
+def collect(client, sweep: Sweep) -> list[dict[str, Any]]:
+    """Every trial of the sweep: its outcome recorded on the parent, or else what its own run says."""
+    parent = client.get_run(sweep.parent_id)
+    rows: dict[int, dict[str, Any]] = {}
+    for key, value in parent.data.tags.items():
+        if key.startswith(TRIAL_PREFIX):
+            row = json.loads(value)
+            rows[int(row["trial"])] = row
+    for child in _children(client, sweep):
+        num = int(child.data.tags.get("hydra.job.num", -1))
+        if num in rows:
+            continue
+        rows[num] = {  # a trial that never reported back (killed): its run is the record
+            "trial": num,
+            "overrides": json.loads(child.data.tags.get("trial.overrides", "[]")),
+            "status": child.info.status,
+            "objective": child.data.metrics.get(OBJECTIVE_METRIC),
+            "run_id": child.info.run_id,
+            "note": child.data.tags.get("error", ""),
+        }
+    keys = sweep.spec["swept_keys"]
+    out = []
+    for num in sorted(rows):
+        row = rows[num]
+        values = _values(row.get("overrides", []))
+        out.append({**row, "values": {k: values.get(k, "") for k in keys}})
+    return out
+
+
+def _values(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        if "=" in o:
+            k, v = o.split("=", 1)
+            out[k.lstrip("+~")] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The leaderboard
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["objective"] is None or r["status"] != "FINISHED", -(r["objective"] or 0)))
+
+
+def table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["trial", *keys, OBJECTIVE, "status", "run_id", "note"]
+    body = []
+    for r in _sorted(rows):
+        note = "reused: finished before" if r.get("reused") else r.get("note", "")
+        objective = f"{r['objective']:.4f}" if r["objective"] is not None else ""
+        body.append(
+            [str(r["trial"]), *(str(r["values"][k]) for k in keys), objective, r["status"], r["run_id"] or "", note]
+        )
+    return header, body
+
+
+def seed_table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """Mean ± std of the objective over seeds, per configuration of the other swept keys."""
+    if "seed" not in keys:
+        return None
+    others = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        group = tuple(r["values"][k] for k in others)
+        groups.setdefault(group, [])
+        if r["status"] == "FINISHED" and r["objective"] is not None:
+            groups[group].append(r["objective"])
+    header = [*others, f"{OBJECTIVE} mean", f"{OBJECTIVE} std", "seeds"]
+    body = []
+    ranked = sorted(groups.items(), key=lambda kv: -(statistics.fmean(kv[1]) if kv[1] else -1))
+    for group, values in ranked:
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        body.append(
+            [*group, f"{mean:.4f}" if mean is not None else "", f"{std:.4f}" if values else "", str(len(values))]
+        )
+    return header, body
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[Path]:
+    """leaderboard.csv (one row per trial), leaderboard.md (and the seed summary), leaderboard.png."""
+    from mnist_sweep import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    header, body = table(rows, keys)
+    with open(folder / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(body)
+    text = "# Sweep leaderboard\n\n" + _markdown(header, body) + "\n"
+    seeds = seed_table(rows, keys)
+    if seeds:
+        text += "\n## Mean ± std over seeds\n\n" + _markdown(*seeds) + "\n"
+        with open(folder / "leaderboard_seeds.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(seeds[0])
+            writer.writerows(seeds[1])
+    (folder / "leaderboard.md").write_text(text)
+    files = [folder / "leaderboard.csv", folder / "leaderboard.md"]
+    if seeds:
+        files.append(folder / "leaderboard_seeds.csv")
+    points = [(r["values"], r["objective"]) for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
+    if keys and points:
+        files.append(plots.objective_vs_keys_png(points, keys, OBJECTIVE, folder / "leaderboard.png"))
+    return files
+
+
+def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | None, sweep: Sweep) -> str:
+    """The leaderboard as printed to the terminal, with the command that reruns the best trial."""
+    out = io.StringIO()
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    n = sweep.spec["n_trials"]
+    out.write(f"\nSweep leaderboard ({len(rows)}{f' of {n}' if n else ''} trials: ")
+    out.write(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"), mlflow parent run {sweep.parent_id}\n")
+    out.write(_markdown(*table(rows, keys)) + "\n")
+    seeds = seed_table(rows, keys)
+    if seeds:
+        out.write("\nMean ± std over seeds:\n" + _markdown(*seeds) + "\n")
+    if best is not None:
+        command = "python " + " ".join(shlex.quote(a) for a in [_script(), *best["overrides"]])
+        out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
+    out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inside a trial (any process, any machine)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    parent_id: str | None
+    num: int
+    n_trials: int | None
+    run_id: str | None = None
+    reused_from: str | None = None
+    objective: float | None = None
+
+
+_TRIAL: Trial | None = None
+
+
+def find_parent(experiment_id: str, folder: str):
+    """The RUNNING sweep run whose ``hydra.sweep.dir`` is ``folder`` (newest first), or None."""
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'sweep' and attributes.status = 'RUNNING'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
+    return next((r for r in runs if r.data.tags.get(SWEEP_DIR) == folder), None)
+
+
+def begin_trial(experiment_id: str, hc) -> Trial:
+    """Called by app.run in a multirun trial: find the parent run, remember who we are for on_job_end."""
+    global _TRIAL
+    parent = find_parent(experiment_id, sweep_dir(hc))
+    if parent is None:
+        log.warning("no RUNNING sweep run for %s: this trial is logged as a top-level run", sweep_dir(hc))
+    n = parent.data.params.get("sweep.n_trials") if parent else None
+    _TRIAL = Trial(parent.info.run_id if parent else None, int(hc.job.num), int(n) if n and n.isdigit() else None)
+    return _TRIAL
+
+
+def previous_result(experiment_id: str, config_hash: str):
+    """The newest FINISHED run of this config in the experiment (with its objective), or None."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    return next((r for r in runs if OBJECTIVE_METRIC in r.data.metrics), None)
+
+
+def record(config: DictConfig, job_return) -> None:
+    """on_job_end: write this trial's outcome on the parent run (one tag, from whatever process ran it)."""
+    global _TRIAL
+    from hydra.core.utils import JobStatus
+
+    trial, _TRIAL = _TRIAL, None
+    try:
+        import mlflow
+
+        from mnist_sweep import tracking
+
+        num = int(config.hydra.job.num)
+        if trial is None or trial.num != num:  # failed before app.run found its parent: look it up here
+            experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
+            parent = find_parent(experiment_id, sweep_dir(config.hydra))
+            trial = Trial(parent.info.run_id if parent else None, num, None)
+        if trial.parent_id is None:
+            return
+        ok = job_return.status == JobStatus.COMPLETED
+        error = None if ok else job_return._return_value
+        row = {
+            "trial": num,
+            "overrides": list(job_return.overrides or []),
+            "status": "FINISHED" if ok else "FAILED",
+            "objective": float(job_return._return_value) if ok and job_return._return_value is not None else None,
+            "run_id": trial.reused_from or trial.run_id,
+            "reused": trial.reused_from is not None,
+            "note": "" if ok else f"{type(error).__name__}: {error}"[:300],
+        }
+        tracking.Run(trial.parent_id).set_tags({f"{TRIAL_PREFIX}{num:04d}": json.dumps(row)})
+        mlflow.MlflowClient()  # keep the client warm for the next trial in this worker
+    except Exception as e:  # the trial's own run already tells its story; never turn success into failure here
+        log.error("could not record trial on the sweep run: %s", e)
+
+
+class SweepCallback(Callback):
+    """Registered in conf/config.yaml (``hydra.callbacks.sweep``). Stateless: it is pickled to workers."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        finish()
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            record(config, job_return)
