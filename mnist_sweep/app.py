@@ -399,6 +399,8 @@ def explain(e: BaseException) -> str:
     if isinstance(e, ConfigCompositionException):
         return text.splitlines()[0] + "; see `python train.py --help`"
     first = text.splitlines()[0] if text else ""
+    if isinstance(e, ValueError):  # Hydra's own command-line checks
+        return f"{first}; see `python train.py --help`"
     return f"{type(e).__name__}: {first}"
 
 
@@ -437,10 +439,19 @@ def cli(hydra_main) -> None:
         if summary is not None and summary.failed and not user_wants_traceback:
             print(f"error: {_failed_line(summary)}", file=sys.stderr)
             _exit_now(1)
-        if not isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or user_wants_traceback:
+        usage = isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or _hydra_usage_error(e)
+        if not usage or user_wants_traceback:
             raise
         print(f"error: {explain(e)}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+
+
+def _hydra_usage_error(e: BaseException) -> bool:
+    """Hydra rejects some command lines with a plain ValueError (e.g. `-m` together with `--cfg`)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return isinstance(e, ValueError) and tb is not None and "/hydra/" in tb.tb_frame.f_code.co_filename
 
 
 def _failed_line(summary) -> str:
