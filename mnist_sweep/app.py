@@ -433,6 +433,8 @@ def cli(hydra_main) -> None:
         print("interrupted: the MLflow run was closed as KILLED", file=sys.stderr)
         sys.exit(130)
     except BaseException as e:
+        if isinstance(e, sweep.StartFailed):  # the sweep could not start (bad value, unreachable store)
+            e = e.error
         # Hydra's basic sweeper raises the first failed trial's exception after the batch has run, without
         # calling on_multirun_end: close the sweep here, after every trial, and exit non-zero.
         summary = sweep.finish(e) if not isinstance(e, SystemExit) else None
@@ -441,7 +443,7 @@ def cli(hydra_main) -> None:
             _exit_now(1)
         usage = isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or _hydra_usage_error(e)
         if not usage or user_wants_traceback:
-            raise
+            raise e
         print(f"error: {explain(e)}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
 

@@ -532,11 +532,23 @@ def record(config: DictConfig, job_return) -> None:
         log.error("could not record trial on the sweep run: %s", e)
 
 
+class StartFailed(BaseException):
+    """Carries an error out of ``on_multirun_start``: Hydra turns a callback's Exception into a warning and
+    goes on with the sweep, but a sweep whose store cannot be prepared must stop before any trial."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
 class SweepCallback(Callback):
     """Registered in conf/config.yaml (``hydra.callbacks.sweep``). Stateless: it is pickled to workers."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        start(config)
+        try:
+            start(config)
+        except Exception as e:
+            raise StartFailed(e) from e
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish()
