@@ -180,19 +180,25 @@ def fit(
     num_classes: int = 10,
     on_epoch: Callable[[EpochResult], None] | None = None,
     progress: bool = False,
+    check_every: int | None = None,
 ) -> FitResult:
     """Train for ``epochs`` (or until val/acc stops improving for ``patience`` epochs) and return the history.
 
     With early stopping, the weights of the best epoch are restored at the end. A training loss that is NaN,
     infinite or above ``max_loss`` (random guessing scores ln(10) = 2.3) stops the run with DivergedError.
+
+    ``check_every``: how many steps between two looks at the loss from the host (default: every step on the
+    CPU, every 50 elsewhere). Between looks, the worst loss is kept on the device, so no step goes unchecked.
     """
     limit = max_loss if max_loss > 0 else math.inf
     total_steps = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, total_steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    # On a GPU, reading a value back (.item()) stalls the pipeline, so the loss is only checked every few
-    # steps there; on the CPU the check is free and catches a diverging run at the very step it happens.
-    check_every = 1 if device.type == "cpu" else 50
+    # On a GPU, reading a value back (`if loss > x`, .item()) waits for the GPU to finish all queued work, so
+    # the host looks at the loss only every few steps there and the loop otherwise never waits on the device;
+    # on the CPU looking is free and stops a diverging run at the very step it happens.
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 50
     result, best_state, stale = FitResult(), None, 0
     t_fit = time.perf_counter()
 
@@ -200,20 +206,26 @@ def fit(
         model.train()
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host round trip per step
+        # Running sums stay on the device: the host reads them once, at the end of the epoch.
+        loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        bar = Progress(progress, len(train_loader), f"epoch {epoch}/{epochs}")
+        worst = torch.zeros((), device=device)  # the highest loss since the host last looked (NaN sticks)
+        seen, n_steps = 0, len(train_loader)
+        bar = Progress(progress, n_steps, f"epoch {epoch}/{epochs}")
         for step, (x, y) in enumerate(train_loader, 1):
+            # The tensor loader's batches are already on the device (a no-op); the torchvision loader's are not.
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, precision):
+            with autocast(device, precision):  # bf16: matmuls in bfloat16, weights and loss stay fp32
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
-            if step % check_every == 0 and not loss <= limit:  # `not <=` also catches NaN
-                raise DivergedError(
-                    f"training diverged: loss {loss.item():.4g} at epoch {epoch}, step {step} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optimizer.lr or set trainer.grad_clip"
-                )
+            worst = torch.maximum(worst, loss.detach())
+            if step % check_every == 0 or step == n_steps:  # the host looks (on a GPU: waits for it)
+                if not worst <= limit:  # `not <=` catches NaN too
+                    raise DivergedError(
+                        f"training diverged: loss {worst.item():.4g} at epoch {epoch}, step {step} "
+                        f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optimizer.lr or set trainer.grad_clip"
+                    )
+                worst = torch.zeros((), device=device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:

@@ -1,0 +1,136 @@
+"""The speed work: the benchmark script, the speedrun preset, and the training loop's GPU-style code path.
+
+Behaviour only: no test asserts a wall-clock time (timings belong in docs/BENCHMARKS.md, from the bench).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mnist_sweep import bench, data, model, training
+
+
+def test_speedrun_preset_composes_with_its_recipe():
+    cfg, s = bench.compose(["experiment=speedrun"])
+    assert (s.model.hidden, s.model.depth) == (256, 2)
+    assert s.data.batch_size == 512 and s.data.loader == "tensor"
+    assert s.trainer.precision == "bf16" and s.trainer.epochs == 4 and s.trainer.label_smoothing == 0.1
+    assert s.optimizer.lr == pytest.approx(5e-3) and s.scheduler.warmup > 0
+    # Command-line overrides still win over the recipe.
+    _, s2 = bench.compose(["experiment=speedrun", "trainer.precision=fp32", "data.batch_size=256"])
+    assert s2.trainer.precision == "fp32" and s2.data.batch_size == 256
+
+
+def test_tutorial_net_is_784_128_64_10():
+    net = bench.tutorial_net()
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 128), (128, 64), (64, 10)]
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert model.flops_per_sample(net) == 2 * (784 * 128 + 128 * 64 + 64 * 10)
+
+
+def test_trial_time_to_threshold_and_throughput():
+    t = bench.Trial("x", flops_per_sample=1000, times=[1.0, 2.0, 3.0], test_acc=[0.96, 0.976, 0.981])
+    t.samples_per_s = [100.0, 200.0, 300.0]
+    assert t.time_to(0.975) == 2.0 and t.time_to(0.98) == 3.0 and t.time_to(0.99) is None
+    assert t.gflops == pytest.approx(3 * 1000 * 200 / 1e9)
+    assert t.epoch_seconds == 1.0 and t.final_acc == 0.981
+
+
+def test_matmul_peak_is_measured():
+    assert bench.matmul_gflops(64, torch.float32, seconds=0.01, repeats=1) > 0
+
+
+def _fit(root, cache, *, precision="fp32", check_every=None, label_smoothing=0.0, seed=0, epochs=3, lr=3e-3):
+    torch.manual_seed(seed)
+    loaders = data.build_loaders(
+        name="mnist",
+        root=root,
+        loader="tensor",
+        batch_size=16,
+        eval_batch_size=50,
+        val_size=20,
+        split_seed=0,
+        mean=0.1307,
+        std=0.3081,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        cache_dir=cache,
+        download=False,
+        verify=False,
+    )
+    net = model.MLP(hidden=32, depth=2)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    seen: list[training.EpochResult] = []
+    training.fit(
+        net,
+        loaders.train,
+        loaders.val,
+        opt,
+        epochs=epochs,
+        device=torch.device("cpu"),
+        precision=precision,
+        label_smoothing=label_smoothing,
+        check_every=check_every,
+        on_epoch=seen.append,
+        schedule=lambda step, total: training.lr_multiplier(step, total, 0.25, 0.04, "cosine", 0.0),
+    )
+    return seen, training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision)
+
+
+def test_gpu_style_loop_gives_the_same_metrics_as_the_cpu_loop(tiny_data, tmp_path):
+    """The GPU's loop looks at the loss only every 50 steps; apart from that it is the CPU's loop."""
+    every_step, _ = _fit(tiny_data[0], tmp_path, check_every=1)
+    rarely, _ = _fit(tiny_data[0], tmp_path, check_every=50)
+    assert [(e.train_loss, e.val_acc) for e in every_step] == [(e.train_loss, e.val_acc) for e in rarely]
+
+
+def test_gpu_style_loop_still_stops_a_diverging_run(tiny_data, tmp_path):
+    # A loss above max_loss at any step is remembered on the device until the host looks.
+    with pytest.raises(training.DivergedError, match="diverged"):
+        _fit(tiny_data[0], tmp_path, check_every=50, lr=1e6)
+
+
+def test_speedrun_recipe_is_deterministic_in_bf16(tiny_data, tmp_path):
+    """bf16 autocast and label smoothing (the speedrun's recipe): same seed, same metrics."""
+    a, ta = _fit(tiny_data[0], tmp_path, precision="bf16", label_smoothing=0.1, seed=3)
+    b, tb = _fit(tiny_data[0], tmp_path, precision="bf16", label_smoothing=0.1, seed=3)
+    assert [(e.train_loss, e.val_loss) for e in a] == [(e.train_loss, e.val_loss) for e in b]
+    assert (ta.loss, ta.acc) == (tb.loss, tb.acc)
+    assert all(math.isfinite(e.train_loss) for e in a)
+
+
+def test_speedrun_recipe_bf16_within_tolerance_of_fp32(tiny_data, tmp_path):
+    # Stated tolerance on the 40 synthetic test images: 4 images (0.1) of accuracy, 0.25 of loss.
+    _, fp32 = _fit(tiny_data[0], tmp_path, label_smoothing=0.1, epochs=4)
+    _, bf16 = _fit(tiny_data[0], tmp_path, precision="bf16", label_smoothing=0.1, epochs=4)
+    assert abs(fp32.acc - bf16.acc) <= 0.1
+    assert abs(fp32.loss - bf16.loss) <= 0.25
+
+
+@pytest.mark.e2e
+def test_bench_quick_writes_the_report(tmp_path, mnist_root):
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--quick", "--silent", "--data-root", str(mnist_root), "--out", str(out)]) == 0
+    text = out.read_text()
+    for section in (
+        "# Benchmarks",
+        "## Machine",
+        "## Headline",
+        "## `experiment=speedrun` over seeds",
+        "## Data loaders",
+        "## `python train.py` end to end",
+        "## Training throughput against the machine's peak",
+        "## bf16 vs fp32",
+        "## Evaluation of the 10,000 test images",
+        "BENCHMARKS-sweeps.md",
+        "## GPU",
+    ):
+        assert section in text, section
+    assert "python -m mnist_sweep.bench --quick" in text  # the exact command
+    assert "torch " + torch.__version__ in text
+    assert "--quick smoke mode" in text
+    assert "GFLOP/s" in text and "samples/s" in text
