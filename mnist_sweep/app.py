@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> float:
     import torch
     from hydra.utils import instantiate
 
-    from mnist_sweep import data, model, plots, sweep, tracking, training
+    from mnist_sweep import data, model, plots, search, sweep, tracking, training
 
     _quiet_libraries()
     _sigterm_to_interrupt()
@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> float:
             )
             return objective
         # Parallel trials share the machine: divide the cores (and the GPUs) between them.
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = threads or sweep.trial_threads(hc.launcher, trial.n_trials, cores)
         if device.type == "cuda" and device.index is None:
             n_parallel = sweep.parallel_jobs(hc.launcher, trial.n_trials, cores)
@@ -217,7 +217,10 @@ def run(cfg: DictConfig) -> float:
         mlrun.log_params(params(cfg, hc))
         rows: list[dict] = []
 
-        def on_epoch(er: training.EpochResult) -> None:
+        # In an Optuna search, each epoch's val/acc goes to the study, whose pruner may stop the trial.
+        pruner = search.reporter(settings.optuna, settings.trainer.epochs)
+
+        def on_epoch(er: training.EpochResult) -> bool:
             metrics = er.metrics()
             mlrun.log_metrics(metrics, step=er.epoch)  # one batched write per epoch
             rows.append({"epoch": er.epoch, **metrics})
@@ -233,6 +236,11 @@ def run(cfg: DictConfig) -> float:
                 er.seconds,
                 er.samples_per_s,
             )
+            if pruner is not None and pruner.report(er.epoch, er.val_acc):
+                mlrun.set_tags({"pruned": "true", "pruned_at_epoch": er.epoch})
+                log.info("pruned: the search judged this trial hopeless after epoch %d", er.epoch)
+                return True
+            return False
 
         # 4. The lessons (training.py): train on the book, check on the mock exam after each epoch.
         t = settings.trainer
@@ -251,38 +259,41 @@ def run(cfg: DictConfig) -> float:
             max_loss=t.max_loss,
             num_classes=len(loaders.classes),
             on_epoch=on_epoch,
+            augment=_augmenter(settings.data.augment),
             progress=t.progress,
         )
 
-        # 5. The exam it has never seen: the official test set, reported once, never used to choose anything.
-        t_eval = time.perf_counter()
-        test = training.evaluate(net, loaders.test, device, len(loaders.classes), t.precision)
-        eval_seconds = time.perf_counter() - t_eval
         final = {
-            "test/loss": test.loss,
-            "test/acc": test.acc,
             "best_epoch": fitted.best_epoch,
             "best_val/acc": fitted.val_acc,
             "train_time_s": fitted.train_seconds,
             "data_time_s": data_seconds,
-            "test_eval_time_s": eval_seconds,
         }
-        final.update({f"test/acc_class_{i}": a for i, a in enumerate(test.per_class_acc)})
+        # 5. The exam it has never seen: the official test set, reported once, never used to choose anything.
+        #    (A search's trials skip it: trainer.test=false. The chosen config is tested once, afterwards.)
+        test = None
+        if t.test:
+            t_eval = time.perf_counter()
+            test = training.evaluate(net, loaders.test, device, len(loaders.classes), t.precision)
+            eval_seconds = time.perf_counter() - t_eval
+            final.update({"test/loss": test.loss, "test/acc": test.acc, "test_eval_time_s": eval_seconds})
+            final.update({f"test/acc_class_{i}": a for i, a in enumerate(test.per_class_acc)})
+            log.info(
+                "test: loss %.4f acc %.4f (%d images, %.2f s) | val acc %.4f | training %.1f s",
+                test.loss,
+                test.acc,
+                loaders.n_test,
+                eval_seconds,
+                fitted.val_acc,
+                fitted.train_seconds,
+            )
         mlrun.log_metrics(final, step=fitted.best_epoch)
-        log.info(
-            "test: loss %.4f acc %.4f (%d images, %.2f s) | val acc %.4f | training %.1f s",
-            test.loss,
-            test.acc,
-            loaders.n_test,
-            eval_seconds,
-            fitted.val_acc,
-            fitted.train_seconds,
-        )
 
         # 6. The lab notebook (tracking.py): config beside the weights, the per-epoch log, the confusion matrix.
         _save_artifacts(out_dir, cfg, net, model_args, d, loaders.classes, rows, test, plots)
         for item in ("config.yaml", "epochs.csv", "confusion_matrix.png", "confusion_matrix.csv"):
-            mlrun.log_artifact(out_dir / item)
+            if (out_dir / item).exists():
+                mlrun.log_artifact(out_dir / item)
         mlrun.log_artifacts(out_dir / "checkpoint", "checkpoint")
         if (out_dir / ".hydra").is_dir():
             mlrun.log_artifacts(out_dir / ".hydra", "hydra")
@@ -293,10 +304,8 @@ def run(cfg: DictConfig) -> float:
         for log_file in out_dir.glob("*.log"):
             mlrun.log_artifact(log_file)
 
-    print(
-        f"val/acc {fitted.val_acc:.4f}  test/acc {test.acc:.4f}  ({fitted.train_seconds:.1f} s training)  "
-        f"mlflow run {mlrun.id}"
-    )
+    tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
+    print(f"val/acc {fitted.val_acc:.4f}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
     return float(fitted.val_acc)
 
 
@@ -329,6 +338,8 @@ def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if test is None:
+        return
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *classes])
@@ -340,6 +351,14 @@ def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots
         out_dir / "confusion_matrix.png",
         f"test set confusion matrix (accuracy {test.acc:.2%})",
     )
+
+
+def _augmenter(a):
+    """The training batches' distortion (mnist_sweep/augment.py), or None when data.augment.strength is 0."""
+    from mnist_sweep.augment import Augment
+
+    augment = Augment(a.strength, a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha, a.elastic_sigma)
+    return augment if augment.active else None
 
 
 def _describe(m) -> str:

@@ -56,7 +56,7 @@ def parse_space(overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.get_key_element()
         if not override.is_sweep_override():
-            fixed.append(f"{key}={override.get_value_element_as_str()}")
+            fixed.append(override.input_line or f"{key}={override.get_value_element_as_str()}")  # as typed
             continue
         value = override.value()
         if isinstance(value, ChoiceSweep):
@@ -152,6 +152,7 @@ class OptunaSweeperConf:
     warmup_epochs: int = 1  # epochs every trial runs before it may be pruned
     startup_trials: int = 5  # trials that finish unpruned before pruning starts
     best_preset: str | None = "found"  # conf/experiment/<name>.yaml gets the best config; null = don't write
+    preset_dir: str | None = None  # where that file goes; default: the experiment/ folder of the primary conf dir
     test_best: bool = True  # rerun the best config once with trainer.test=true
     params: dict[str, str] = field(default_factory=dict)  # key: sweep expression, e.g. "choice(128,256)"
 
@@ -288,7 +289,7 @@ class OptunaSweeperImpl:
         name = self.cfg.best_preset
         if not name:
             return None
-        conf_dir = _primary_conf_dir(self.config)
+        folder = Path(self.cfg.preset_dir) if self.cfg.preset_dir else _primary_conf_dir(self.config) / "experiment"
         import yaml
 
         params: dict[str, Any] = {}
@@ -302,7 +303,7 @@ class OptunaSweeperImpl:
             f"# Written by the Optuna search {study_name!r}: trial #{best.number}, val/acc {best.value:.4f}.\n"
             f"# Rerun: python train.py experiment={name}\n"
         )
-        path = conf_dir / "experiment" / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(preset_yaml(params, header))
         return f"best config written to {path}; rerun it with: python train.py experiment={name}"

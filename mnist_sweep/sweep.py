@@ -494,7 +494,8 @@ def previous_result(experiment_id: str, config_hash: str):
         order_by=["attributes.start_time DESC"],
         max_results=20,
     )
-    return next((r for r in runs if OBJECTIVE_METRIC in r.data.metrics), None)
+    # A trial an Optuna search pruned stopped early: its objective is not the config's, so it is not reused.
+    return next((r for r in runs if OBJECTIVE_METRIC in r.data.metrics and r.data.tags.get("pruned") != "true"), None)
 
 
 def record(config: DictConfig, job_return) -> None:

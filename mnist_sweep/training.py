@@ -178,7 +178,8 @@ def fit(
     label_smoothing: float = 0.0,
     max_loss: float = 100.0,
     num_classes: int = 10,
-    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_epoch: Callable[[EpochResult], bool | None] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
     check_every: int | None = None,
 ) -> FitResult:
@@ -186,6 +187,9 @@ def fit(
 
     With early stopping, the weights of the best epoch are restored at the end. A training loss that is NaN,
     infinite or above ``max_loss`` (random guessing scores ln(10) = 2.3) stops the run with DivergedError.
+
+    ``on_epoch`` sees each epoch's result; returning True stops training there (a search's pruner does).
+    ``augment`` distorts each training batch on the device (mnist_sweep/augment.py); evaluation never does.
 
     ``check_every``: how many steps between two looks at the loss from the host (default: every step on the
     CPU, every 50 elsewhere). Between looks, the worst loss is kept on the device, so no step goes unchecked.
@@ -214,6 +218,8 @@ def fit(
         for step, (x, y) in enumerate(train_loader, 1):
             # The tensor loader's batches are already on the device (a no-op); the torchvision loader's are not.
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augment is not None:
+                x = augment(x)  # a fresh distortion of every training batch, drawn on the device
             with autocast(device, precision):  # bf16: matmuls in bfloat16, weights and loss stay fp32
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
@@ -256,8 +262,7 @@ def fit(
             samples_per_s=seen / train_time,
         )
         result.epochs.append(er)
-        if on_epoch:
-            on_epoch(er)
+        stop = bool(on_epoch(er)) if on_epoch else False
 
         # Early stopping on the validation set (the mock exam), never on the test set.
         if result.best_epoch == 0 or not (er.val_acc <= result.val_acc):
@@ -269,6 +274,8 @@ def fit(
             if patience and stale >= patience:
                 log.info("early stop: val/acc has not improved for %d epochs", patience)
                 break
+        if stop:
+            break
 
     if patience and best_state is not None:
         model.load_state_dict(best_state)

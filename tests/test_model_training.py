@@ -126,3 +126,41 @@ def test_early_stopping_keeps_the_best_epoch(tiny_data, tmp_path):
     best = max(e.val_acc for e in seen)
     assert result.val_acc == best
     assert seen[result.best_epoch - 1].val_acc == best
+
+
+def test_augmentation_touches_training_batches_only(tiny_data, tmp_path):
+    calls = []
+
+    def augment(x):
+        calls.append(x.shape[0])
+        return x + 0.01 * torch.randn_like(x)
+
+    loaders = tiny_loaders(tiny_data[0], tmp_path, eval_batch_size=50)
+    net = model.MLP(hidden=16, depth=1)
+    training.fit(
+        net,
+        loaders.train,
+        loaders.val,
+        torch.optim.Adam(net.parameters()),
+        epochs=2,
+        device=torch.device("cpu"),
+        augment=augment,
+    )
+    assert sum(calls) == 2 * loaders.n_train  # every training image, every epoch; no validation image
+    training.evaluate(net, loaders.test, torch.device("cpu"))
+    assert sum(calls) == 2 * loaders.n_train
+
+
+def test_on_epoch_can_stop_training(tiny_data, tmp_path):
+    loaders = tiny_loaders(tiny_data[0], tmp_path)
+    net = model.MLP(hidden=16, depth=1)
+    result = training.fit(
+        net,
+        loaders.train,
+        loaders.val,
+        torch.optim.Adam(net.parameters()),
+        epochs=10,
+        device=torch.device("cpu"),
+        on_epoch=lambda er: er.epoch == 3,
+    )
+    assert [e.epoch for e in result.epochs] == [1, 2, 3] and result.best_epoch == 3

@@ -145,3 +145,47 @@ def test_pruners(name):
     assert search.make_pruner(name, 1, 5, 10) is not None
     with pytest.raises(search.SearchError, match="choose none, median or hyperband"):
         search.make_pruner("asha2", 1, 5, 10)
+
+
+@pytest.mark.e2e
+def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
+    """A real (tiny) search: trials nested and logged, one pruned, the best config written, tested once."""
+    from mlflow import MlflowClient
+
+    from conftest import train_py
+
+    presets = tmp_path / "presets"
+    proc = train_py(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.startup_trials=1",
+        "hydra.sweeper.warmup_epochs=0",
+        f"hydra.sweeper.preset_dir={presets}",
+        "hydra.sweeper.best_preset=found_e2e",
+        "optimizer.lr=choice(0.00001,0.003)",
+        "model.hidden=choice(16,24,32)",
+        "trainer.epochs=2",
+        "mlflow.log_model=false",
+        f"data.root={mnist_root}",
+        f"data.cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("mnist-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    # 6 trials (a config suggested twice reuses its FINISHED run: sweeps resume) + the chosen config, tested once
+    assert len(parents) == 1 and 4 <= len(children) <= 7
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    pruned = [r for r in children if r.data.tags.get("pruned") == "true"]
+    assert pruned and all(r.info.status == "FINISHED" for r in pruned)
+    tested = [r for r in children if "test/acc" in r.data.metrics]
+    assert len(tested) == 1 and tested[0].data.params["trainer.test"] == "True"
+    study = optuna.load_study(study_name="mnist-sweep-search", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    preset = (presets / "found_e2e.yaml").read_text()
+    assert preset.startswith("# @package _global_") and f"hidden: {study.best_params['model.hidden']}" in preset
+    assert "optuna" not in preset.split("\n", 3)[-1] and "data:" not in preset  # no bookkeeping, no paths
