@@ -1,0 +1,146 @@
+"""Fast checks of the sweep machinery (mnist_sweep/sweep.py, tracking.close_orphans) without training."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from mnist_sweep import sweep, tracking
+
+
+def launcher(target: str, **kw):
+    return OmegaConf.create({"_target_": f"hydra_plugins.x.{target}", **kw})
+
+
+@pytest.mark.parametrize(
+    ("conf", "n_trials", "cores", "jobs", "threads"),
+    [
+        (None, 6, 8, 1, 0),  # the basic launcher: one at a time, torch's default threads
+        (launcher("JoblibLauncher", n_jobs=2), 6, 2, 2, 1),
+        (launcher("JoblibLauncher", n_jobs=4), 6, 16, 4, 4),
+        (launcher("JoblibLauncher", n_jobs=-1), 6, 4, 4, 1),  # joblib's -1: one per core
+        (launcher("JoblibLauncher", n_jobs=8), 2, 8, 2, 4),  # never more at once than there are trials
+        (launcher("JoblibLauncher", n_jobs=4), 6, 2, 4, 1),  # at least one thread
+        (launcher("LocalLauncher"), 3, 12, 3, 4),  # submitit_local starts every trial at once
+        (launcher("SlurmLauncher", cpus_per_task=6), 100, 64, 1, 6),  # the cluster gives each trial its cores
+    ],
+)
+def test_parallel_trials_divide_the_cores(conf, n_trials, cores, jobs, threads):
+    assert sweep.parallel_jobs(conf, n_trials, cores) == jobs
+    assert sweep.trial_threads(conf, n_trials, cores) == threads
+
+
+def test_gpus_are_dealt_round_robin_to_parallel_trials():
+    assert [sweep.trial_device("cuda", k, 4, 2) for k in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert sweep.trial_device("cuda", 3, 1, 2) == "cuda"  # sequential trials keep the default device
+    assert sweep.trial_device("cuda", 3, 2, 1) == "cuda"
+
+
+def test_definition_counts_trials_and_names_swept_keys():
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "overrides": {"task": ["model.hidden=16,32", "seed=0,1,2", "trainer.epochs=1", "optimizer=adam,sgd"]},
+                "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+                "launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"},
+            }
+        }
+    )
+    spec = sweep.definition(config)
+    assert spec["n_trials"] == 12 and spec["swept_keys"] == ["model.hidden", "seed", "optimizer"]
+    assert spec["sweeper"] == "BasicSweeper" and spec["launcher"] == "JoblibLauncher"
+
+
+def test_definition_includes_sweeper_params_and_explicit_trial_counts():
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "overrides": {"task": ["trainer.epochs=1"]},
+                "sweeper": {"_target_": "x.OptunaSweeper", "params": {"model.depth": "1,2"}, "n_trials": 20},
+                "launcher": {"_target_": "x.BasicLauncher"},
+            }
+        }
+    )
+    spec = sweep.definition(config)
+    assert spec["n_trials"] == 20 and spec["swept_keys"] == ["model.depth"]
+
+
+def _row(trial, hidden, seed, objective, status="FINISHED", note=""):
+    return {
+        "trial": trial,
+        "values": {"model.hidden": hidden, "seed": seed},
+        "objective": objective,
+        "status": status,
+        "run_id": f"run{trial}",
+        "overrides": [f"model.hidden={hidden}", f"seed={seed}"],
+        "note": note,
+    }
+
+
+def test_leaderboard_files_rank_trials_and_aggregate_seeds(tmp_path):
+    rows = [
+        _row(0, "64", "0", 0.90),
+        _row(1, "64", "1", 0.92),
+        _row(2, "128", "0", 0.95),
+        _row(3, "128", "1", None, "FAILED", "DivergedError: boom"),
+    ]
+    files = sweep.write_leaderboard(tmp_path, rows, ["model.hidden", "seed"])
+    assert {f.name for f in files} == {"leaderboard.csv", "leaderboard.md", "leaderboard_seeds.csv", "leaderboard.png"}
+    with open(tmp_path / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial"] for r in table] == ["2", "1", "0", "3"]  # best first, failures last
+    assert table[-1]["status"] == "FAILED" and table[-1]["note"] == "DivergedError: boom"
+    with open(tmp_path / "leaderboard_seeds.csv") as f:
+        seeds = {r["model.hidden"]: r for r in csv.DictReader(f)}
+    assert seeds["64"]["seeds"] == "2" and float(seeds["64"]["val/acc mean"]) == pytest.approx(0.91)
+    assert float(seeds["64"]["val/acc std"]) == pytest.approx(0.01414, abs=1e-4)
+    assert seeds["128"]["seeds"] == "1"  # the failed seed is not averaged in
+    assert (tmp_path / "leaderboard.png").stat().st_size > 1000
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    experiment_id = tracking.prepare(uri, "unit")
+    yield mlflow.MlflowClient(uri), experiment_id
+
+
+def test_runs_of_dead_processes_are_closed_as_killed_on_the_next_launch(store):
+    client, experiment_id = store
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = client.create_run(experiment_id, tags={**tracking.owner_tags(), "owner.pid": str(gone.pid)})
+    alive = client.create_run(experiment_id, tags=tracking.owner_tags())  # this very process
+    remote = client.create_run(experiment_id, tags={"owner.host": "another-node", "owner.pid": str(gone.pid)})
+    legacy = client.create_run(experiment_id)  # no owner recorded: not ours to judge
+    assert tracking.close_orphans(experiment_id) == [dead.info.run_id]
+    status = {r: client.get_run(r.info.run_id).info.status for r in (dead, alive, remote, legacy)}
+    assert status == {dead: "KILLED", alive: "RUNNING", remote: "RUNNING", legacy: "RUNNING"}
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_owner(store):
+    client, experiment_id = store
+    tags = {**tracking.owner_tags(), "owner.started": "1"}  # our pid, but a process that started at another time
+    run = client.create_run(experiment_id, tags=tags)
+    assert tracking.close_orphans(experiment_id) == [run.info.run_id]
+
+
+def test_previous_result_finds_only_finished_runs_of_the_same_config(store):
+    client, experiment_id = store
+    failed = client.create_run(experiment_id, tags={"config_hash": "abc"})
+    client.log_metric(failed.info.run_id, "best_val/acc", 0.5)
+    client.set_terminated(failed.info.run_id, "FAILED")
+    assert sweep.previous_result(experiment_id, "abc") is None
+    done = client.create_run(experiment_id, tags={"config_hash": "abc"})
+    client.log_metric(done.info.run_id, "best_val/acc", 0.97)
+    client.set_terminated(done.info.run_id, "FINISHED")
+    other = client.create_run(experiment_id, tags={"config_hash": "xyz"})
+    client.set_terminated(other.info.run_id, "FINISHED")
+    found = sweep.previous_result(experiment_id, "abc")
+    assert found.info.run_id == done.info.run_id and found.data.metrics["best_val/acc"] == 0.97
+    assert sweep.previous_result(experiment_id, "xyz") is None  # finished, but without an objective
