@@ -104,6 +104,8 @@ def test_grid_sweep_one_run_per_value(tmp_path, mnist_root, cache_dir):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = _runs(tmp_path)
+    (sweep,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the sweep's parent run
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
     assert sorted(r.data.params["model.hidden"] for r in runs) == ["128", "256"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len({r.info.run_name for r in runs}) == 2
