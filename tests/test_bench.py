@@ -36,7 +36,8 @@ def test_trial_time_to_threshold_and_throughput():
     t = bench.Trial("x", flops_per_sample=1000, times=[1.0, 2.0, 3.0], test_acc=[0.96, 0.976, 0.981])
     t.samples_per_s = [100.0, 200.0, 300.0]
     assert t.time_to(0.975) == 2.0 and t.time_to(0.98) == 3.0 and t.time_to(0.99) is None
-    assert t.gflops == pytest.approx(3 * 1000 * 200 / 1e9)
+    assert t.throughput == 300.0  # the fastest epoch
+    assert t.gflops == pytest.approx(3 * 1000 * 300 / 1e9)
     assert t.epoch_seconds == 1.0 and t.final_acc == 0.981
 
 
