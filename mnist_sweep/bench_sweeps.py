@@ -8,7 +8,7 @@ through MlflowClient:
 * per-trial fixed cost of a sequential sweep: the time from one trial's MLflow run start to the next's, minus
   the epochs themselves (``train_time_s``) - i.e. Hydra's job set-up, loading the cached data, building the
   model, every MLflow call, the test-set evaluation, the artifacts;
-* MLflow's share of a trial: a sequential sweep run under cProfile, summing the time spent in the tracking
+* MLflow's share of a trial: a sequential sweep with wall-clock timers around every MLflow call of the tracking
   layer (``mnist_sweep/tracking.py`` and the sweep's per-trial MLflow calls), divided by the trials' time;
 * 2 trials at a time (``hydra/launcher=joblib hydra.launcher.n_jobs=2``) against the same sweep run
   sequentially, back to back and alternating, as a throughput ratio (timings on a shared machine swing 2x:
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import pstats
 import statistics
 import subprocess
 import sys
@@ -32,36 +31,99 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "BENCHMARKS-sweeps.md"
 GRID = ("model.hidden=64,128,256", "seed=0,1")  # 6 small models (hidden <= 256)
-EPOCHS = 2
+EPOCHS = 5  # the default trainer.epochs
 PER_EPOCH = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s")
 
-# Functions whose time is "MLflow logging" inside a trial (cumulative time; none calls another of the list).
-TRACKING = {
-    ("tracking.py", "prepare"),
-    ("tracking.py", "git_state"),
-    ("tracking.py", "version_tags"),
-    ("tracking.py", "start_run"),  # a generator: create_run + set_terminated, not the training in its body
-    ("tracking.py", "log_params"),
-    ("tracking.py", "log_metrics"),
-    ("tracking.py", "set_tags"),
-    ("tracking.py", "log_artifact"),
-    ("tracking.py", "log_artifacts"),
-    ("tracking.py", "log_model"),
-    ("sweep.py", "begin_trial"),
-    ("sweep.py", "previous_result"),
-    ("sweep.py", "record"),
+# A sweep run in-process (train.py's @hydra.main function, not app.cli, whose fast exit would lose the
+# figures) with wall-clock timers around every MLflow call a trial makes and around the other parts of a trial.
+# The sweep's own start and finish (store creation, parent run, leaderboard) are paid once per sweep: excluded.
+TIMED = r"""
+import contextlib, json, sys, time
+sys.path.insert(0, sys.argv[1])
+out = sys.argv[2]
+sys.argv = ["train.py", *sys.argv[3:]]
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from mnist_sweep import app, data, sweep, tracking, training
+
+T, state = {}, {"sweep_level": 0, "in_fit": 0}
+
+def add(kind, name, t0):
+    if not state["sweep_level"]:
+        key = f"{kind}:{name}"
+        T[key] = T.get(key, 0.0) + time.perf_counter() - t0
+
+def timed(owner, name, kind, flag=None):
+    f = getattr(owner, name)
+    def wrapper(*a, **k):
+        if kind == "rest" and name == "evaluate" and state["in_fit"]:
+            return f(*a, **k)  # validation inside fit: already counted as fit
+        if flag:
+            state[flag] += 1
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            if flag:
+                state[flag] -= 1
+            if flag != "sweep_level":
+                add(kind, name, t0)
+    setattr(owner, name, wrapper)
+
+for n in ("prepare", "git_state", "version_tags"):
+    timed(tracking, n, "mlflow")
+for n in ("log_params", "log_metrics", "set_tags", "log_artifact", "log_artifacts", "log_model"):
+    timed(tracking.Run, n, "mlflow")
+for n in ("begin_trial", "previous_result", "record"):
+    timed(sweep, n, "mlflow")
+for n in ("start", "finish"):
+    timed(sweep, n, "sweep", flag="sweep_level")
+timed(training, "fit", "rest", flag="in_fit")
+timed(training, "evaluate", "rest")
+timed(data, "build_loaders", "rest")
+timed(app, "_save_artifacts", "rest")
+timed(ConfigLoaderImpl, "load_sweep_config", "rest")
+original = tracking.start_run
+
+@contextlib.contextmanager
+def start_run(*a, **k):
+    cm = original(*a, **k)
+    t0 = time.perf_counter()
+    run = cm.__enter__()
+    add("mlflow", "start_run", t0)
+    try:
+        yield run
+    except BaseException:
+        t0 = time.perf_counter()
+        swallowed = cm.__exit__(*sys.exc_info())
+        add("mlflow", "start_run", t0)
+        if not swallowed:
+            raise
+    else:
+        t0 = time.perf_counter()
+        cm.__exit__(None, None, None)
+        add("mlflow", "start_run", t0)
+
+tracking.start_run = start_run
+import train
+train.main()
+json.dump(T, open(out, "w"))
+"""
+
+PARTS = {
+    "fit": "epochs (training + validation)",
+    "evaluate": "test-set evaluation",
+    "build_loaders": "data from the cache (build_loaders)",
+    "_save_artifacts": "local artifacts (config, CSV, confusion matrix PNG, checkpoint)",
+    "load_sweep_config": "Hydra: composing the job's config (twice: checked up front, then launched)",
 }
 
 
-def _sweep(workdir: Path, args: list[str], common: list[str], profile: Path | None = None) -> float:
-    if profile is None:
+def _sweep(workdir: Path, args: list[str], common: list[str], timings: Path | None = None) -> float:
+    if timings is None:
         cmd = [sys.executable, str(REPO / "train.py"), "-m", *args, *common]
-    else:  # train.py's @hydra.main function under cProfile (app.cli's fast exit would lose the profile)
-        code = (
-            "import cProfile, sys; sys.path.insert(0, sys.argv[1]); sys.argv = ['train.py', *sys.argv[2:]]; "
-            f"import train; cProfile.run('train.main()', {str(profile)!r})"
-        )
-        cmd = [sys.executable, "-c", code, str(REPO), "--config-path", str(REPO / "conf"), "-m", *args, *common]
+    else:
+        cmd = [sys.executable, "-c", TIMED, str(REPO), str(timings), "--config-path", str(REPO / "conf"), "-m"]
+        cmd += [*args, *common]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     t0 = time.perf_counter()
@@ -92,6 +154,13 @@ def fixed_cost(workdir: Path) -> tuple[float, float]:
     return statistics.fmean(cycles), statistics.fmean(c - e for c, e in zip(cycles, epochs, strict=True))
 
 
+def span(workdir: Path) -> float:
+    """From the first trial's start to the last trial's end: the sweep without the command's start-up
+    (imports; for joblib also starting the worker processes, paid once per sweep)."""
+    _, trials = _runs(workdir)
+    return (max(t.info.end_time for t in trials) - min(t.info.start_time for t in trials)) / 1000
+
+
 def complete(workdir: Path, n: int) -> tuple[int, int, bool]:
     """(trials FINISHED, trials, every per-epoch metric present at every epoch)."""
     client, trials = _runs(workdir)
@@ -104,48 +173,21 @@ def complete(workdir: Path, n: int) -> tuple[int, int, bool]:
     return finished, len(trials), metrics_ok and len(trials) == n
 
 
-def _sweep_level(filename: str, name: str) -> bool:
-    return Path(filename).name == "sweep.py" and name in ("start", "finish")
+def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """Seconds per trial in MLflow calls, their share of a trial, the split by call, and the other parts."""
+    import json
 
-
-def breakdown(profile: Path, n: int) -> dict[str, float]:
-    """Where a sequential trial's time goes (seconds per trial, cProfile), besides MLflow."""
-    stats = pstats.Stats(str(profile))
-    parts = {
-        ("training.py", "fit"): "epochs (fit: training + validation)",
-        ("data.py", "build_loaders"): "data from the cache (build_loaders)",
-        ("app.py", "_save_artifacts"): "local artifacts (config, CSV, confusion matrix PNG, checkpoint)",
-        ("config_loader_impl.py", "load_sweep_config"): "Hydra: composing each job's config",
-    }
-    out = {}
-    for (filename, _, name), (_, _, _, ct, _) in stats.stats.items():
-        key = (Path(filename).name, name)
-        if key in parts:
-            out[parts[key]] = out.get(parts[key], 0.0) + ct / n
-    return out
-
-
-def logging_share(profile: Path, workdir: Path) -> tuple[float, float, dict[str, float]]:
-    """Seconds per trial in MLflow calls, their share of a trial, and the split by function."""
-    stats = pstats.Stats(str(profile))
-    split: dict[str, float] = {}
-    for (filename, _, name), (_, _, _, _, callers) in stats.stats.items():
-        if (Path(filename).name, name) in TRACKING and "mnist_sweep" in filename:
-            # Only what trials call: the sweep's own start (store creation, parent run) is paid once per sweep.
-            inside = sum(ct for (f, _, caller), (_, _, _, ct) in callers.items() if not _sweep_level(f, caller))
-            split[name] = split.get(name, 0.0) + inside
+    figures = json.loads(timings.read_text())
     _, trials = _runs(workdir)
     n = len(trials)
-    trial_time = sum((t.info.end_time - t.info.start_time) / 1000 for t in trials)
     # A trial also spends time before its MLflow run starts (job set-up, data): take the whole cycle.
-    first, last = trials[0].info.start_time, trials[-1].info.end_time
-    cycle = (last - first) / 1000 / n
-    per_trial = sum(split.values()) / n
-    return (
-        per_trial,
-        per_trial / cycle,
-        {k: v / n for k, v in sorted(split.items(), key=lambda kv: -kv[1])} | {"_run_time": trial_time / n},
-    )
+    cycle = (max(t.info.end_time for t in trials) - min(t.info.start_time for t in trials)) / 1000 / n
+    split = {k.split(":", 1)[1]: v / n for k, v in figures.items() if k.startswith("mlflow:")}
+    parts = {PARTS[k.split(":", 1)[1]]: v / n for k, v in figures.items() if k.startswith("rest:")}
+    per_trial = sum(split.values())
+    parts["MLflow (all calls above)"] = per_trial
+    parts["a whole trial (first trial's start to the last one's end, per trial)"] = cycle
+    return per_trial, per_trial / cycle, dict(sorted(split.items(), key=lambda kv: -kv[1])), parts
 
 
 def _machine() -> str:
@@ -191,13 +233,15 @@ def main(argv: list[str] | None = None) -> None:
     _sweep(base / "warmup", ["model.hidden=16", "trainer.epochs=1", "mlflow.log_model=false"], common)
 
     seq_walls, par_walls, fixed, cycles, completeness = [], [], [], [], []
+    spans: dict[str, list[float]] = {"sequential": [], "parallel": []}
     for i in range(a.repeats):
         for mode in ("sequential", "parallel"):
             work = base / f"{mode}{i}"
             work.mkdir()
             extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if mode == "parallel" else []
             wall = _sweep(work, [*extra, *small], common)
-            print(f"{mode} #{i + 1}: {n} trials in {wall:.1f} s", flush=True)
+            spans[mode].append(span(work))
+            print(f"{mode} #{i + 1}: {n} trials in {wall:.1f} s ({spans[mode][-1]:.1f} s of trials)", flush=True)
             if mode == "sequential":
                 seq_walls.append(wall)
                 c, f = fixed_cost(work)
@@ -207,18 +251,17 @@ def main(argv: list[str] | None = None) -> None:
                 par_walls.append(wall)
                 completeness.append(complete(work, n))
 
-    print("profiling a sequential sweep (defaults: model logged) for MLflow's share", flush=True)
-    prof_dir = base / "profile"
-    prof_dir.mkdir()
-    profile = base / "sweep.prof"
-    _sweep(prof_dir, ["model.hidden=64,128,256", f"trainer.epochs={EPOCHS}"], common, profile=profile)
-    per_trial, share, split = logging_share(profile, prof_dir)
-    parts = breakdown(profile, 3)
-    run_time = split.pop("_run_time")
+    print("timing the MLflow calls of a sequential sweep at the defaults (5 epochs, model logged)", flush=True)
+    timed_dir = base / "timed"
+    timed_dir.mkdir()
+    timings = base / "timings.json"
+    _sweep(timed_dir, ["model.hidden=64,128,256"], common, timings=timings)
+    per_trial, share, split, parts = logging_share(timings, timed_dir)
     model_s = split.get("log_model", 0.0)
 
     ratios = [s / p for s, p in zip(seq_walls, par_walls, strict=True)]
     ratio = statistics.fmean(ratios)
+    steady = [s / p for s, p in zip(spans["sequential"], spans["parallel"], strict=True)]
     fixed_s = statistics.fmean(fixed)
     finished_ok = all(f == t == n and ok for f, t, ok in completeness)
     command = f"python -m mnist_sweep.bench_sweeps --repeats {a.repeats}"
@@ -246,22 +289,23 @@ def main(argv: list[str] | None = None) -> None:
         f"| MLflow logging ≤ 5% of a trial's time | {share:.1%} ({per_trial:.2f} s of a "
         f"{per_trial / share:.2f} s trial; without `log_model`: "
         f"{(per_trial - model_s) / (per_trial / share - model_s):.1%}) | {verdict(share <= 0.05)} |",
-        f"| 2 parallel trials on 2 cores ≥ 1.3× sequential throughput (hidden ≤ 256) | {ratio:.2f}× "
-        f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)}; sequential "
+        f"| 2 parallel trials on 2 cores ≥ 1.3× sequential throughput (hidden ≤ 256) | whole command "
+        f"{ratio:.2f}×; trials alone (first start to last end) {statistics.fmean(steady):.2f}× "
+        f"(pairs: {', '.join(f'{r:.2f}/{q:.2f}' for r, q in zip(ratios, steady, strict=True))}; sequential "
         f"{', '.join(f'{w:.1f}' for w in seq_walls)} s, parallel {', '.join(f'{w:.1f}' for w in par_walls)} s) "
-        f"| {verdict(ratio >= 1.3)} |",
+        f"| {verdict(ratio >= 1.3)} (command), {verdict(statistics.fmean(steady) >= 1.3)} (trials) |",
         "| 6-trial sweep, 2 at a time, fresh store: 6/6 FINISHED, all per-epoch metrics | "
         + "; ".join(f"{f}/{t} FINISHED, metrics {'complete' if ok else 'MISSING'}" for f, t, ok in completeness)
         + f" | {verdict(finished_ok)} |",
         "",
-        "MLflow time per trial, by call (cProfile, sequential sweep `model.hidden=64,128,256` with the model logged; "
-        f"MLflow run open {run_time:.2f} s per trial):",
+        "MLflow time per trial, by call (wall-clock timers around each call; sequential sweep "
+        "`model.hidden=64,128,256` at the defaults: 5 epochs, model logged):",
         "",
         "| call | seconds per trial |",
         "| --- | --- |",
         *(f"| `{k}` | {v:.3f} |" for k, v in split.items()),
         "",
-        "Where the rest of a trial's time goes (same profile, seconds per trial):",
+        "Where a trial's time goes (same sweep, seconds per trial):",
         "",
         "| part | seconds per trial |",
         "| --- | --- |",
