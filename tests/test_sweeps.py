@@ -249,5 +249,31 @@ def test_a_mistake_stops_the_sweep_before_any_trial_in_one_line(tmp_path, mnist_
 
 def test_trial_outcome_tags_are_json(failing_sweep):
     client, parents, _ = _store(failing_sweep[0])
-    tags = {k: json.loads(v) for k, v in parents[0].data.tags.items() if k.startswith(sweep.TRIAL_PREFIX)}
+    first = min(parents, key=lambda r: r.info.start_time)  # the fixture's launch (later tests relaunch it)
+    tags = {k: json.loads(v) for k, v in first.data.tags.items() if k.startswith(sweep.TRIAL_PREFIX)}
     assert sorted(t["status"] for t in tags.values()) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_sigterm_closes_the_sweep_and_its_running_trial_as_killed(tmp_path, mnist_root, cache_dir):
+    args = [sys.executable, str(REPO / "train.py"), "-m", "model.hidden=16,24", "trainer.epochs=50"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        [*args, *SMALL[1:], *_data(mnist_root, cache_dir)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    for line in proc.stdout:  # the first trial is training
+        if "epoch 1/50" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest[-2000:]
+    client, parents, trials = _store(tmp_path)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert [t.info.status for t in trials] == ["KILLED"]  # the second trial never started
+    assert "Sweep leaderboard (1 of 2 trials: 1 KILLED)" in rest
