@@ -390,6 +390,10 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+# Hydra names a launcher/sweeper whose package is not installed only in a RuntimeError.
+_MISSING_PLUGIN = re.compile(r"Unknown plugin class : '(hydra_plugins\.hydra_(\w+?)_\w+)\.")
+
+
 def explain(e: BaseException) -> str:
     """Turn Hydra/OmegaConf/our own errors into one line that names the problem and the fix."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -398,6 +402,10 @@ def explain(e: BaseException) -> str:
     if isinstance(e, UserError):
         return str(e)
     text = str(e).strip()
+    m = _MISSING_PLUGIN.search(text)
+    if m:
+        package = {"joblib": "hydra-joblib-launcher", "submitit": "hydra-submitit-launcher"}.get(m.group(2), m.group(1))
+        return f'the Hydra plugin {m.group(1)} is not installed; pip install {package} (or pip install -e ".[dev]")'
     if isinstance(e, MissingConfigException):
         m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
         if m:
@@ -461,6 +469,7 @@ def cli(hydra_main) -> None:
             print(f"error: {_failed_line(summary)}", file=sys.stderr)
             _exit_now(1)
         usage = isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or _hydra_usage_error(e)
+        usage = usage or _MISSING_PLUGIN.search(str(e)) is not None
         if not usage or user_wants_traceback:
             raise e
         print(f"error: {explain(e)}", file=sys.stderr)

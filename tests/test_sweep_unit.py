@@ -144,3 +144,12 @@ def test_previous_result_finds_only_finished_runs_of_the_same_config(store):
     found = sweep.previous_result(experiment_id, "abc")
     assert found.info.run_id == done.info.run_id and found.data.metrics["best_val/acc"] == 0.97
     assert sweep.previous_result(experiment_id, "xyz") is None  # finished, but without an objective
+
+
+def test_a_missing_launcher_plugin_is_named_with_its_package():
+    from mnist_sweep import app
+
+    e = RuntimeError("Unknown plugin class : 'hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher'")
+    assert "pip install hydra-submitit-launcher" in app.explain(e)
+    e = RuntimeError("Unknown plugin class : 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher'")
+    assert "pip install hydra-joblib-launcher" in app.explain(e)
