@@ -238,6 +238,8 @@ def run(cfg: DictConfig) -> float:
             )
             if pruner is not None and pruner.report(er.epoch, er.val_acc):
                 mlrun.set_tags({"pruned": "true", "pruned_at_epoch": er.epoch})
+                if trial is not None:
+                    trial.note = f"pruned at epoch {er.epoch}"
                 log.info("pruned: the search judged this trial hopeless after epoch %d", er.epoch)
                 return True
             return False

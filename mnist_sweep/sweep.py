@@ -80,6 +80,8 @@ def definition(config: DictConfig) -> dict[str, Any]:
             if o.is_discrete_sweep():
                 sizes.append(len(list(o.sweep_string_iterator())))
     n_trials = OmegaConf.select(hc, "sweeper.n_trials")
+    if n_trials is not None and OmegaConf.select(hc, "sweeper.test_best"):
+        n_trials += 1  # the Optuna sweeper runs the chosen config once more, with the test set
     if n_trials is None:
         n_trials = math.prod(sizes) if len(sizes) == len(swept) else None
     return {
@@ -433,7 +435,9 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
     if seeds:
         out.write("\nMean ± std over seeds:\n" + _markdown(*seeds) + "\n")
     if best is not None:
-        command = "python " + " ".join(shlex.quote(a) for a in [_script(), *best["overrides"]])
+        # The search's bookkeeping (study, trial number, trainer.test=false) is not part of the recipe.
+        recipe = [o for o in best["overrides"] if not o.startswith(("optuna.", "trainer.test="))]
+        command = "python " + " ".join(shlex.quote(a) for a in [_script(), *recipe])
         out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
     out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")
     return out.getvalue()
@@ -452,6 +456,7 @@ class Trial:
     run_id: str | None = None
     reused_from: str | None = None
     objective: float | None = None
+    note: str = ""  # e.g. "pruned at epoch 2" (an Optuna search stopped it early)
 
 
 _TRIAL: Trial | None = None
@@ -525,7 +530,7 @@ def record(config: DictConfig, job_return) -> None:
             "objective": float(job_return._return_value) if ok and job_return._return_value is not None else None,
             "run_id": trial.reused_from or trial.run_id,
             "reused": trial.reused_from is not None,
-            "note": "" if ok else f"{type(error).__name__}: {error}"[:300],
+            "note": trial.note if ok else f"{type(error).__name__}: {error}"[:300],
         }
         tracking.Run(trial.parent_id).set_tags({f"{TRIAL_PREFIX}{num:04d}": json.dumps(row)})
         mlflow.MlflowClient()  # keep the client warm for the next trial in this worker

@@ -189,3 +189,7 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
     preset = (presets / "found_e2e.yaml").read_text()
     assert preset.startswith("# @package _global_") and f"hidden: {study.best_params['model.hidden']}" in preset
     assert "optuna" not in preset.split("\n", 3)[-1] and "data:" not in preset  # no bookkeeping, no paths
+    board = proc.stdout + proc.stderr
+    assert "pruned at epoch" in board  # the leaderboard says why a trial stopped early
+    rerun = board.split("rerun it with:", 1)[1].splitlines()[1]
+    assert "optuna." not in rerun and "trainer.test" not in rerun
