@@ -514,8 +514,9 @@ def report(
     )
     w("")
     w(
-        "A 1-minute load average well above 1 before the run means another process was busy on one of the two "
-        "cores while the benchmark ran (this is a shared development machine: nothing guarantees quiet)."
+        "A 1-minute load average well above 1 *before* the run means another process was busy on one of the two "
+        "cores when the benchmark started; the value *after* includes the benchmark's own two threads. This is a "
+        "shared development machine: nothing guarantees quiet."
     )
     w("")
 
