@@ -96,6 +96,7 @@ class AdamConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    fused: bool | None = None  # one fused kernel for all parameters (CPU and CUDA); null = torch's choice
 
 
 @dataclass
