@@ -139,3 +139,14 @@ def test_normalize_matches_totensor_normalize():
     reference = transforms.Normalize((0.1307,), (0.3081,))(transforms.ToTensor()(image.numpy()))
     ours = data.normalize(image[None], 0.1307, 0.3081, torch.device("cpu"))[0]
     torch.testing.assert_close(ours, reference)
+
+
+def test_next_trial_in_the_same_process_reuses_the_prepared_splits(tiny_data, tmp_path, monkeypatch):
+    root, _ = tiny_data
+    first = _loaders(root, tmp_path / "c", "tensor")
+    monkeypatch.setattr(data, "load_uint8", lambda *a: pytest.fail("loaded again for the same data settings"))
+    again = _loaders(root, tmp_path / "c", "tensor", seed=4)  # another trial: other seed, same data
+    assert again.train.x is first.train.x and again.test.y is first.test.y
+    monkeypatch.undo()
+    other = tiny_loaders(root, tmp_path / "c", "tensor", batch_size=16)  # same settings: still shared
+    assert other.val.x is first.val.x
