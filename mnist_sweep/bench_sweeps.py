@@ -316,9 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         "artifacts); it is measured from MLflow's run start times of consecutive trials. Parallel trials each get "
         "`torch.set_num_threads(cores // n_jobs)`.",
         "",
-        "Where the targets are missed: (1) the fixed cost is spread over the local artifacts (the confusion-matrix "
-        "PNG is most of them), Hydra composing each job's config, and reading the cached dataset - no single "
-        "part is above 0.4 s; (2) MLflow's share is `log_model` (serialising the model with its code, signature "
+        "Where a target is missed, the time goes to: (1) the fixed cost - Hydra composing each job's config, the "
+        "first trial's data load (later trials in the same process reuse the prepared tensors), MLflow and "
+        "the local artifacts (the tables above give each part); (2) MLflow's share is `log_model` "
+        "(serialising the model with its code, signature "
         "and input example); without it MLflow takes "
         f"{(per_trial - model_s) / (per_trial / share - model_s):.1%} of a trial - sweeps that do not need every "
         "trial's model can set `mlflow.log_model=false`; (3) joblib's worker processes start fresh interpreters "
