@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> float:
     import torch
     from hydra.utils import instantiate
 
-    from mnist_sweep import data, model, plots, search, sweep, tracking, training
+    from mnist_sweep import model, plots, search, sweep, tracking, training
 
     _quiet_libraries()
     _sigterm_to_interrupt()
@@ -143,23 +143,7 @@ def run(cfg: DictConfig) -> float:
     order = torch.Generator().manual_seed(settings.seed)  # the order batches are drawn in, every epoch
     d = settings.data
     t0 = time.perf_counter()
-    loaders = data.build_loaders(
-        name=d.name,
-        root=_absolute(d.root),
-        loader=d.loader,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        val_size=d.val_size,
-        split_seed=d.split_seed,
-        mean=d.mean,
-        std=d.std,
-        device=device,
-        generator=order,
-        cache_dir=_absolute(d.cache_dir) if d.cache_dir else None,
-        download=d.download,
-        verify=d.verify,
-        num_workers=d.num_workers,
-    )
+    loaders = make_loaders(settings, device, order)
     data_seconds = time.perf_counter() - t0
     log.info(
         "data: %s via %s loader, %d train / %d val / %d test images, batch %d, on %s (%.2f s)",
@@ -175,20 +159,10 @@ def run(cfg: DictConfig) -> float:
 
     # 3. The student (model.py) and how it learns (an optimizer from conf/optimizer/, a schedule).
     m = settings.model
-    model_args = dict(
-        hidden=m.hidden,
-        depth=m.depth,
-        activation=m.activation,
-        dropout=m.dropout,
-        norm=m.norm,
-        num_classes=len(loaders.classes),
-    )
+    model_args = make_model_args(settings, len(loaders.classes))
     net = model.MLP(**model_args).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
-    s = settings.scheduler
-
-    def schedule(step: int, total: int) -> float:
-        return training.lr_multiplier(step, total, s.warmup, s.start, s.decay, s.final)
+    schedule = make_schedule(settings)
 
     tags = {
         **tracking.git_state(REPO),
@@ -309,6 +283,49 @@ def run(cfg: DictConfig) -> float:
     tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
     print(f"val/acc {fitted.val_acc:.4f}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
     return float(fitted.val_acc)
+
+
+# From the checked settings to the pipeline's pieces (shared with the benchmark, mnist_sweep/bench.py).
+
+
+def make_loaders(settings, device, order):
+    """The conveyor belts for ``settings.data`` (data.py), batches drawn in the order of the ``order`` generator."""
+    from mnist_sweep import data
+
+    d = settings.data
+    return data.build_loaders(
+        name=d.name,
+        root=_absolute(d.root),
+        loader=d.loader,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        val_size=d.val_size,
+        split_seed=d.split_seed,
+        mean=d.mean,
+        std=d.std,
+        device=device,
+        generator=order,
+        cache_dir=_absolute(d.cache_dir) if d.cache_dir else None,
+        download=d.download,
+        verify=d.verify,
+        num_workers=d.num_workers,
+    )
+
+
+def make_model_args(settings, num_classes: int) -> dict:
+    """The plain arguments of model.MLP (saved beside the weights, so a checkpoint can be rebuilt)."""
+    m = settings.model
+    return dict(
+        hidden=m.hidden, depth=m.depth, activation=m.activation, dropout=m.dropout, norm=m.norm, num_classes=num_classes
+    )
+
+
+def make_schedule(settings):
+    """The learning-rate multiplier ``schedule(step, total)`` of ``settings.scheduler``."""
+    from mnist_sweep import training
+
+    s = settings.scheduler
+    return lambda step, total: training.lr_multiplier(step, total, s.warmup, s.start, s.decay, s.final)
 
 
 def loaders_example(loaders, mean: float, std: float):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_sweep import data, model, training
+from mnist_sweep import app, data, model, training
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -193,32 +193,14 @@ def project_trial(
     device = training.resolve_device(s.device.type)
     torch.manual_seed(s.seed)
     order = torch.Generator().manual_seed(s.seed)
-    d = s.data
-    loaders = data.build_loaders(
-        name=d.name,
-        root=d.root,
-        loader=d.loader,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        val_size=d.val_size,
-        split_seed=d.split_seed,
-        mean=d.mean,
-        std=d.std,
-        device=device,
-        generator=order,
-        download=False,
-    )
+    loaders = app.make_loaders(s, device, order)
     train_loader = _limit(loaders.train, limit, order)
-    m = s.model
-    net = model.MLP(hidden=m.hidden, depth=m.depth, activation=m.activation, dropout=m.dropout, norm=m.norm)
-    net = net.to(device)
+    net = model.MLP(**app.make_model_args(s, len(loaders.classes))).to(device)
     from hydra.utils import instantiate
 
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
-    sc, t = s.scheduler, s.trainer
-
-    def schedule(step: int, total: int) -> float:
-        return training.lr_multiplier(step, total, sc.warmup, sc.start, sc.decay, sc.final)
+    t = s.trainer
+    schedule = app.make_schedule(s)
 
     trial = Trial(name, model.flops_per_sample(net))
     elapsed = 0.0
