@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from mnist_sweep import bench, data, model, training
+from conftest import tiny_loaders
+from mnist_sweep import bench, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -47,22 +48,7 @@ def test_matmul_peak_is_measured():
 
 def _fit(root, cache, *, precision="fp32", check_every=None, label_smoothing=0.0, seed=0, epochs=3, lr=3e-3):
     torch.manual_seed(seed)
-    loaders = data.build_loaders(
-        name="mnist",
-        root=root,
-        loader="tensor",
-        batch_size=16,
-        eval_batch_size=50,
-        val_size=20,
-        split_seed=0,
-        mean=0.1307,
-        std=0.3081,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        cache_dir=cache,
-        download=False,
-        verify=False,
-    )
+    loaders = tiny_loaders(root, cache, eval_batch_size=50, seed=seed)
     net = model.MLP(hidden=32, depth=2)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     seen: list[training.EpochResult] = []
