@@ -162,7 +162,6 @@ def run(cfg: DictConfig) -> float:
     model_args = make_model_args(settings, len(loaders.classes))
     net = model.MLP(**model_args).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
-    schedule = make_schedule(settings)
 
     tags = {
         **tracking.git_state(REPO),
@@ -225,18 +224,11 @@ def run(cfg: DictConfig) -> float:
             loaders.train,
             loaders.val,
             optimizer,
-            epochs=t.epochs,
             device=device,
-            schedule=schedule,
-            precision=t.precision,
-            patience=t.patience,
-            grad_clip=t.grad_clip,
-            label_smoothing=t.label_smoothing,
-            max_loss=t.max_loss,
             num_classes=len(loaders.classes),
             on_epoch=on_epoch,
-            augment=_augmenter(settings.data.augment),
             progress=t.progress,
+            **fit_options(settings),
         )
 
         final = {
@@ -317,6 +309,21 @@ def make_model_args(settings, num_classes: int) -> dict:
     m = settings.model
     return dict(
         hidden=m.hidden, depth=m.depth, activation=m.activation, dropout=m.dropout, norm=m.norm, num_classes=num_classes
+    )
+
+
+def fit_options(settings) -> dict:
+    """training.fit's keyword arguments that come from the config: the trainer, schedule and augmentation."""
+    t = settings.trainer
+    return dict(
+        epochs=t.epochs,
+        schedule=make_schedule(settings),
+        precision=t.precision,
+        patience=t.patience,
+        grad_clip=t.grad_clip,
+        label_smoothing=t.label_smoothing,
+        max_loss=t.max_loss,
+        augment=_augmenter(settings.data.augment),
     )
 
 

@@ -200,7 +200,6 @@ def project_trial(
 
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
     t = s.trainer
-    schedule = app.make_schedule(s)
 
     trial = Trial(name, model.flops_per_sample(net))
     elapsed = 0.0
@@ -221,15 +220,9 @@ def project_trial(
         train_loader,
         loaders.val,
         optimizer,
-        epochs=epochs or t.epochs,
         device=device,
-        schedule=schedule,
-        precision=t.precision,
-        patience=t.patience,
-        grad_clip=t.grad_clip,
-        label_smoothing=t.label_smoothing,
-        max_loss=t.max_loss,
         on_epoch=on_epoch,
+        **{**app.fit_options(s), "epochs": epochs or t.epochs},
     )
     trial.epochs_run = len(trial.times)
     trial.eval_seconds = time_evaluation(net, loaders.test, device, t.precision)
