@@ -53,7 +53,7 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
             {
                 "recipe": params.get("choice.experiment")
                 if params.get("choice.experiment") not in (None, "None")
-                else "-",
+                else "(none)",
                 "model": f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"
                 + (f", dropout {params['model.dropout']}" if params.get("model.dropout") not in (None, "0.0") else ""),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
@@ -72,7 +72,7 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, how: str = "") -> str:
     lines = [
         "# Results",
         "",
@@ -82,6 +82,7 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         f"Regenerate with: `{command}`",
         "",
+        *([f"The runs: {how}", ""] if how else []),
         "| recipe | model | optimizer | epochs | augment | seeds | test acc % | val acc % | training s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -101,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     parser.add_argument("--experiment", default="mnist-sweep")
     parser.add_argument("--out", default="docs/RESULTS.md")
+    parser.add_argument("--how", default="", help="a line saying which commands made the runs (kept in the file)")
     args = parser.parse_args(argv)
     command = "python -m mnist_sweep.results" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k) and k != "how"
     )
     rows = collect(args.tracking_uri, args.experiment)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(markdown(rows, command))
+    Path(args.out).write_text(markdown(rows, command, args.how))
     print(f"{len(rows)} recipes written to {args.out}")
 
 

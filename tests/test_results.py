@@ -37,7 +37,7 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
     rows = results.collect(uri, "e")
     assert [r["seeds"] for r in rows] == [[0, 1, 2], [0]]
-    assert rows[0]["recipe"] == "best" and rows[1]["recipe"] == "-"
+    assert rows[0]["recipe"] == "best" and rows[1]["recipe"] == "(none)"
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 0.0 | 0,1,2 | 99.20 ± 0.20 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
