@@ -60,6 +60,11 @@ def _hydra_info():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def _in_sweep(hc) -> bool:
+    """Whether this job is a trial of a multirun (`python train.py -m ...`)."""
+    return hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"
+
+
 def run_name(hc) -> str:
     """Runs of a sweep are told apart by what was overridden: ``model.hidden=128 optimizer=sgd``."""
     if hc is None:
@@ -85,8 +90,7 @@ def task(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except UserError as e:
-        hc = _hydra_info()
-        if hc is None or hc.mode is None or hc.mode.name != "MULTIRUN":
+        if not _in_sweep(_hydra_info()):
             # A single run: one line and out, before Hydra adds its own report of the failed job.
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
@@ -115,7 +119,7 @@ def run(cfg: DictConfig) -> float:
     device = training.resolve_device(settings.device.type)
     experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
     threads = settings.device.threads
-    in_sweep = hc is not None and hc.mode is not None and hc.mode.name == "MULTIRUN"
+    in_sweep = _in_sweep(hc)
     trial = sweep.begin_trial(experiment_id, hc) if in_sweep else None
     if trial is not None:
         # Resume: a config that already FINISHED in this experiment is not trained again.
