@@ -312,7 +312,13 @@ def make_model_args(settings, num_classes: int) -> dict:
     """The plain arguments of model.MLP (saved beside the weights, so a checkpoint can be rebuilt)."""
     m = settings.model
     return dict(
-        hidden=m.hidden, depth=m.depth, activation=m.activation, dropout=m.dropout, norm=m.norm, num_classes=num_classes
+        hidden=m.hidden,
+        depth=m.depth,
+        activation=m.activation,
+        dropout=m.dropout,
+        norm=m.norm,
+        input_dropout=m.input_dropout,
+        num_classes=num_classes,
     )
 
 
@@ -392,7 +398,8 @@ def _augmenter(a):
 
 
 def _describe(m) -> str:
-    extra = "".join(f", {k} {v}" for k, v in (("dropout", m.dropout), ("norm", m.norm)) if v not in (0, 0.0, "none"))
+    shown = (("input dropout", m.input_dropout), ("dropout", m.dropout), ("norm", m.norm))
+    extra = "".join(f", {k} {v}" for k, v in shown if v not in (0, 0.0, "none"))
     return f"{m.depth} x {m.hidden} {m.activation}{extra}"
 
 

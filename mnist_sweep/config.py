@@ -33,6 +33,7 @@ class ModelConfig:
     activation: str = "relu"  # relu | gelu | tanh | silu | leaky_relu
     dropout: float = 0.0  # dropout after each hidden activation
     norm: str = "none"  # none | batch | layer
+    input_dropout: float = 0.0  # dropout on the pixels, before the first layer
 
     def __post_init__(self) -> None:
         from mnist_sweep.model import ACTIVATIONS, NORMS
@@ -47,6 +48,13 @@ class ModelConfig:
             "model.activation=gelu",
         )
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)", "model.dropout=0.1")
+        _require(
+            0 <= self.input_dropout < 1,
+            "model.input_dropout",
+            self.input_dropout,
+            "must be in [0, 1)",
+            "model.input_dropout=0.2",
+        )
         _require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}", "model.norm=layer")
 
 

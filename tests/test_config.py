@@ -41,6 +41,7 @@ def test_every_preset_composes_and_instantiates(override):
         activation=settings.model.activation,
         dropout=settings.model.dropout,
         norm=settings.model.norm,
+        input_dropout=settings.model.input_dropout,
     )
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
     assert isinstance(optimizer, torch.optim.Optimizer)

@@ -22,6 +22,19 @@ def test_mlp_depth_and_width_are_what_was_asked(depth, activation):
     assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
 
 
+def test_input_dropout_drops_pixels_in_training_only():
+    torch.manual_seed(0)
+    net = model.MLP(hidden=16, depth=1, input_dropout=0.5)
+    assert isinstance(net.net[1], torch.nn.Dropout) and net.net[1].p == 0.5  # right after Flatten
+    x = torch.ones(4, 1, 28, 28)
+    net.train()
+    dropped = net.net[1](net.net[0](x))
+    assert 0.3 < (dropped == 0).float().mean() < 0.7
+    net.eval()
+    assert torch.equal(net.net[1](net.net[0](x)), x.flatten(1))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.MLP(hidden=16, depth=1).modules())
+
+
 def test_mlp_rejects_unknown_names():
     with pytest.raises(ValueError, match="activation"):
         model.MLP(activation="sigmoidish")
