@@ -6,7 +6,7 @@ training - evaluation always sees the images as they are:
 * a random **affine** map per image: rotation, shear, scale and shift;
 * an **elastic** distortion (Simard et al., 2003): a random displacement field per image, smoothed by a
   Gaussian of width ``elastic_sigma`` pixels and scaled to ``elastic_alpha`` pixels - the wobble of a
-  different hand writing the same digit.
+  different hand writing the same digit. (Drawn on a coarse grid and interpolated up: see ``_elastic``.)
 
 Both become one sampling grid, so the image is resampled once. ``strength`` scales every magnitude:
 0 switches augmentation off, 1 uses the magnitudes as given; it is the knob to sweep
@@ -73,14 +73,22 @@ class Augment:
         return theta
 
     def _elastic(self, b: int, h: int, w: int, s: float, device) -> torch.Tensor:
-        noise = torch.rand(b * 2, 1, h, w, device=device) * 2 - 1
-        radius = max(1, int(3 * self.sigma))
+        # Simard's field is white noise blurred by a Gaussian of width sigma: it varies over ~sigma pixels, so
+        # it is drawn on a grid `stride` = sigma pixels apart (7x7 for 28x28 at sigma 4), blurred there by a
+        # Gaussian of sigma / stride cells (the same correlation at the grid points), and interpolated up
+        # (bicubic). That is ~10x cheaper on a CPU than blurring at full size with a 25-tap kernel.
+        stride = max(1, int(self.sigma))
+        gh, gw = -(-(h - 1) // stride) + 1, -(-(w - 1) // stride) + 1
+        noise = torch.rand(b * 2, 1, gh, gw, device=device) * 2 - 1
+        sigma = self.sigma / stride
+        radius = max(1, int(3 * sigma))
         t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-        kernel = torch.exp(-(t**2) / (2 * self.sigma**2))
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = kernel / kernel.sum()
         # A separable Gaussian blur turns white noise into a smooth displacement field.
         field = F.conv2d(F.pad(noise, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
         field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+        field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
         field = field / field.abs().amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)  # peak displacement 1
         field = field.view(b, 2, h, w).permute(0, 2, 3, 1)  # -> [B, H, W, (dx, dy)] like the grid
         pixels_to_grid = torch.tensor([2 / w, 2 / h], device=device)

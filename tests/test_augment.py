@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,3 +56,15 @@ def test_seeded_draws_repeat():
     torch.manual_seed(3)
     b = Augment(elastic_alpha=20)(x)
     assert torch.equal(a, b)
+
+
+def test_elastic_field_has_simards_smoothness_and_peak():
+    """Gaussian-blurred white noise of width sigma is correlated exp(-d^2 / 4 sigma^2) at a distance of d pixels."""
+    torch.manual_seed(0)
+    sigma, alpha = 4.0, 2.5
+    field = Augment(strength=1.0, elastic_alpha=alpha, elastic_sigma=sigma)._elastic(3000, 28, 28, 1.0, "cpu")
+    dx = field[..., 0] * 28 / 2  # grid units -> pixels
+    assert torch.allclose(dx.abs().amax(dim=(1, 2)), torch.full((3000,), alpha), atol=1e-4)  # peak = alpha
+    for d in (2, 4, 8):
+        corr = torch.corrcoef(torch.stack([dx[:, 12, 6], dx[:, 12, 6 + d]]))[0, 1].item()
+        assert abs(corr - math.exp(-(d**2) / (4 * sigma**2))) < 0.06, (d, corr)
