@@ -171,6 +171,7 @@ def run(cfg: DictConfig) -> float:
         **tracking.git_state(REPO),
         **tracking.version_tags(),
         "device": str(device),
+        "device.name": training.device_name(device),
         "config_hash": config.config_hash(cfg),
         "hydra.output_dir": str(out_dir),
     }

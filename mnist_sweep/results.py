@@ -24,6 +24,10 @@ def _recipe_key(params: dict[str, str]) -> tuple:
     )
 
 
+def _device(tags: dict[str, str]) -> str:
+    return tags.get("device.name", tags.get("device", "?"))
+
+
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "-"
@@ -33,15 +37,15 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def collect(tracking_uri: str, experiment: str) -> list[dict]:
+def collect(tracking_uri: str, *experiments: str) -> list[dict]:
     """One row per recipe, best mean test accuracy first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    ids = [e.experiment_id for e in map(client.get_experiment_by_name, experiments) if e is not None]
+    if not ids:
         return []
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50000)
+    runs = client.search_runs(ids, "attributes.status = 'FINISHED'", max_results=50000)
     groups: dict[tuple, list] = defaultdict(list)
     for run in runs:
         if "test/acc" in run.data.metrics:
@@ -55,7 +59,14 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
                 if params.get("choice.experiment") not in (None, "None")
                 else "(none)",
                 "model": f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"
-                + (f", dropout {params['model.dropout']}" if params.get("model.dropout") not in (None, "0.0") else ""),
+                + "".join(
+                    f", {label} {params[key]}"
+                    for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout"))
+                    if params.get(key) not in (None, "0.0")
+                ),
+                "device": ", ".join(
+                    sorted({r.data.tags.get("device.name", r.data.tags.get("device", "?")) for r in members})
+                ),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),
                 "augment": params.get("data.augment.strength", "0.0"),
@@ -83,31 +94,34 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         f"Regenerate with: `{command}`",
         "",
         *([f"The runs: {how}", ""] if how else []),
-        "| recipe | model | optimizer | epochs | augment | seeds | test acc % | val acc % | training s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | model | optimizer | epochs | augment | seeds | test acc % | val acc % | training s | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | {r['model']} | {r['optimizer']} | {r['epochs']} | {r['augment']} | "
             f"{','.join(map(str, r['seeds']))} | {_fmt(r['test'])} | {_fmt(r['val'])} | "
-            f"{_fmt(r['train_s'], scale=1.0, digits=1)} |"
+            f"{_fmt(r['train_s'], scale=1.0, digits=1)} | {r['device']} |"
         )
     if not rows:
-        lines.append("| (no finished runs with a test score yet) | | | | | | | | |")
+        lines.append("| (no finished runs with a test score yet) | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
-    parser.add_argument("--experiment", default="mnist-sweep")
+    parser.add_argument("--experiment", action="append", help="repeat for several (default: mnist-sweep)")
     parser.add_argument("--out", default="docs/RESULTS.md")
     parser.add_argument("--how", default="", help="a line saying which commands made the runs (kept in the file)")
     args = parser.parse_args(argv)
     command = "python -m mnist_sweep.results" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k) and k != "how"
+        f" --{k.replace('_', '-')} {item}"
+        for k, v in vars(args).items()
+        if v != parser.get_default(k) and k != "how"
+        for item in (v if isinstance(v, list) else [v])
     )
-    rows = collect(args.tracking_uri, args.experiment)
+    rows = collect(args.tracking_uri, *(args.experiment or ["mnist-sweep"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(rows, command, args.how))
     print(f"{len(rows)} recipes written to {args.out}")

@@ -51,6 +51,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """What the run ran on, in words: the GPU's name, or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "CPU")
+        except OSError:
+            model = "CPU"
+        return f"{model}, {torch.get_num_threads()} threads"
+    return device.type
+
+
 def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str, final: float) -> float:
     """The learning rate at ``step`` of ``total``, as a fraction of the optimiser's base lr.
 

@@ -7,14 +7,15 @@ from mlflow import MlflowClient
 from mnist_sweep import results
 
 
-def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choice="best"):
-    run = client.create_run(exp)
+def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choice="best", input_dropout=0.0):
+    run = client.create_run(exp, tags={"device.name": "AMD EPYC, 2 threads"})
     for k, v in {
         "seed": seed,
         "model.hidden": hidden,
         "model.depth": 2,
         "model.activation": "relu",
         "model.dropout": 0.0,
+        "model.input_dropout": input_dropout,
         "optimizer.name": "adam",
         "optimizer.lr": 0.003,
         "trainer.epochs": 5,
@@ -35,12 +36,16 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
         _run(client, exp, seed, 1024, acc)
     _run(client, exp, 0, 128, 0.980, experiment_choice="None")
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
-    rows = results.collect(uri, "e")
-    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0]]
-    assert rows[0]["recipe"] == "best" and rows[1]["recipe"] == "(none)"
+    other = client.create_experiment("f", artifact_location=str(tmp_path / "b"))
+    _run(client, other, 0, 2048, 0.985, experiment_choice="best_aug", input_dropout=0.2)
+    rows = results.collect(uri, "e", "f")
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0]]
+    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)"]
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 0.0 | 0,1,2 | 99.20 ± 0.20 |" in text
+    assert "| best_aug | 2 x 2048 relu, input dropout 0.2 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
+    assert text.count("| AMD EPYC, 2 threads |") == 3  # where each recipe ran
 
 
 def test_main_writes_the_file(tmp_path):
