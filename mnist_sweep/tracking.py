@@ -18,6 +18,7 @@ as KILLED (``close_orphans``), so none stays RUNNING for ever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -95,10 +96,35 @@ def prepare(tracking_uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         check_server(tracking_uri)
-    elif scheme == "sqlite":
+    lock = contextlib.nullcontext()
+    if scheme == "sqlite":
         prepare_sqlite(sqlite_path(tracking_uri))
+        db = sqlite_path(tracking_uri)
+        lock = _file_lock(db.with_name(db.name + ".lock"))
     mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
+    # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
+    # half-made; the lock makes the first access (migrations included) one process at a time.
+    with lock:
+        return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock between processes on this machine (a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _experiment_id(client, tracking_uri: str, experiment: str) -> str:
     for attempt in range(5):
         try:
             found = client.get_experiment_by_name(experiment)

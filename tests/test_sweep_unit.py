@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import REPO
 from mnist_sweep import sweep, tracking
 
 
@@ -153,3 +154,20 @@ def test_a_missing_launcher_plugin_is_named_with_its_package():
     assert "pip install hydra-submitit-launcher" in app.explain(e)
     e = RuntimeError("Unknown plugin class : 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher'")
     assert "pip install hydra-joblib-launcher" in app.explain(e)
+
+
+def test_processes_meeting_a_fresh_store_all_get_it_intact(tmp_path):
+    """Independent commands started together on a new SQLite store (not one sweep: nothing prepared it first)."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    code = "import sys; from mnist_sweep import tracking; print(tracking.prepare(sys.argv[1], 'shared'))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err.decode()[-800:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, the same id for all
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("shared").experiment_id)  # the tables work
+    client.log_metric(run.info.run_id, "m", 1.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
