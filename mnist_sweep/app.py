@@ -263,16 +263,17 @@ def run(cfg: DictConfig) -> float:
         mlrun.log_metrics(final, step=fitted.best_epoch)
 
         # 6. The lab notebook (tracking.py): config beside the weights, the per-epoch log, the confusion matrix.
-        _save_artifacts(out_dir, cfg, net, model_args, d, loaders.classes, rows, test, plots)
+        example = loaders_example(loaders, d.mean, d.std)  # a few images, kept with the weights
+        _save_artifacts(out_dir, cfg, net, model_args, d, loaders.classes, rows, test, plots, example)
         for item in ("config.yaml", "epochs.csv", "confusion_matrix.png", "confusion_matrix.csv"):
             if (out_dir / item).exists():
                 mlrun.log_artifact(out_dir / item)
         mlrun.log_artifacts(out_dir / "checkpoint", "checkpoint")
         if (out_dir / ".hydra").is_dir():
             mlrun.log_artifacts(out_dir / ".hydra", "hydra")
-        if settings.mlflow.log_model:
-            example = (loaders_example(loaders, d.mean, d.std)).numpy()
-            mlrun.log_model(model.Classifier(net, d.mean, d.std), example, settings.mlflow.model_format)
+        # In a sweep the best trial's model is logged when the sweep ends (sweep.finish), from its checkpoint.
+        if settings.mlflow.log_model and (not in_sweep or settings.mlflow.sweep_models == "all"):
+            mlrun.log_model(model.Classifier(net, d.mean, d.std), example.numpy(), settings.mlflow.model_format)
         _flush_logs()
         for log_file in out_dir.glob("*.log"):
             mlrun.log_artifact(log_file)
@@ -311,16 +312,8 @@ def make_loaders(settings, device, order):
 
 def make_model_args(settings, num_classes: int) -> dict:
     """The plain arguments of model.MLP (saved beside the weights, so a checkpoint can be rebuilt)."""
-    m = settings.model
-    return dict(
-        hidden=m.hidden,
-        depth=m.depth,
-        activation=m.activation,
-        dropout=m.dropout,
-        norm=m.norm,
-        input_dropout=m.input_dropout,
-        num_classes=num_classes,
-    )
+    keys = ("hidden", "depth", "activation", "dropout", "norm", "input_dropout")
+    return {**{k: getattr(settings.model, k) for k in keys}, "num_classes": num_classes}
 
 
 def fit_options(settings) -> dict:
@@ -352,7 +345,7 @@ def loaders_example(loaders, mean: float, std: float):
     return (x[:4].detach().float().cpu() * std + mean).clamp(0, 1)
 
 
-def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots) -> None:
+def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots, example) -> None:
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +361,7 @@ def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots
             "std": d.std,
             "classes": list(classes),
             "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+            "example": example,  # input example for a model logged later from this checkpoint
         },
         ckpt / "model.pt",
     )

@@ -149,6 +149,7 @@ class Sweep:
     dir: str
     spec: dict[str, Any]
     command: str
+    model_format: str | None = None  # log the best trial's model in this format when the sweep ends (None: don't)
     summary: Summary | None = None
 
 
@@ -208,7 +209,9 @@ def start(config: DictConfig) -> Sweep:
             "sweep.command": command[:6000],
         }
     )
-    _ACTIVE = Sweep(run.info.run_id, experiment_id, folder, spec, command)
+    m = config.mlflow
+    best_model = m.model_format if m.log_model and m.sweep_models == "best" else None
+    _ACTIVE = Sweep(run.info.run_id, experiment_id, folder, spec, command, best_model)
     log.info(
         "sweep: %s trials (%s, %s), mlflow parent run %s",
         spec["n_trials"] if spec["n_trials"] is not None else "?",
@@ -275,9 +278,32 @@ def finish(error: BaseException | None = None) -> Summary | None:
         elif error is not None and not interrupted:
             parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         print(render(rows, keys, best, sweep), flush=True)
+        if best is not None and sweep.model_format and not interrupted:
+            log_best_model(client, best["run_id"], sweep.model_format)
     finally:
         client.set_terminated(sweep.parent_id, status)
     return summary
+
+
+def log_best_model(client, run_id: str, model_format: str) -> None:
+    """Log the best trial's model into its run, rebuilt from its checkpoint artifact (trials of a sweep skip
+    ``log_model``: a second or two of each short trial, for models nobody loads). Done once per run."""
+    import tempfile
+
+    import torch
+
+    from mnist_sweep import model, tracking
+
+    if client.get_run(run_id).data.tags.get(tracking.MODEL_LOGGED) == "true":
+        return  # a resumed sweep whose best trial already has its model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "checkpoint/model.pt", tmp)
+        classifier = model.load_checkpoint(path)
+        example = torch.load(path, map_location="cpu", weights_only=True).get("example")
+    if example is None:  # a checkpoint from before examples were kept in it: a blank page does as an example
+        example = torch.zeros(1, 1, 28, 28)
+    uri = tracking.Run(run_id).log_model(classifier, example.numpy(), model_format)
+    log.info("best trial's model logged: %s", uri)
 
 
 def release_workers() -> bool:

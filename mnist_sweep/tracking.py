@@ -36,6 +36,8 @@ from mnist_sweep import UserError
 
 log = logging.getLogger(__name__)
 
+MODEL_LOGGED = "model.logged"  # tag: this run holds a model logged with log_model
+
 
 class TrackingError(UserError):
     """The tracking store cannot be reached or prepared."""
@@ -294,6 +296,7 @@ class Run:
                 )
         finally:
             pytorch_log.setLevel(level)
+        self.set_tags({MODEL_LOGGED: "true"})
         return info.model_uri
 
 

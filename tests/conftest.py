@@ -86,6 +86,15 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def raw_test_images(mnist_root: Path, n: int = 200):
+    """The first ``n`` official test images as ``ToTensor()`` gives them (float 0..1, [n,1,28,28]) and labels."""
+    from mnist_sweep import data
+
+    files = data.find_files(mnist_root, "mnist")
+    images = data.read_idx(files["t10k-images-idx3-ubyte"])[:n].numpy().astype("float32")[:, None] / 255
+    return images, data.read_idx(files["t10k-labels-idx1-ubyte"])[:n].numpy()
+
+
 def train_py(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py OVERRIDES...` for real, the way a user does."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

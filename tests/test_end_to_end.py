@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, train_py
-from mnist_sweep import data
+from conftest import REPO, raw_test_images, train_py
 
 pytestmark = pytest.mark.e2e
 
@@ -84,9 +83,7 @@ def test_one_epoch_reaches_95_percent_test_accuracy(single_run):
 
 def test_logged_model_reloads_and_classifies_raw_images(single_run, mnist_root):
     client, runs = _runs(single_run[0])
-    arrays = {k: data.read_idx(p) for k, p in data.find_files(mnist_root, "mnist").items() if k.startswith("t10k")}
-    images = arrays["t10k-images-idx3-ubyte"][:200].numpy().astype(np.float32)[:, None] / 255  # ToTensor scale
-    labels = arrays["t10k-labels-idx1-ubyte"][:200].numpy()
+    images, labels = raw_test_images(mnist_root)
     loaded = mlflow.pyfunc.load_model(f"runs:/{runs[0].info.run_id}/model")
     scores = np.asarray(loaded.predict(images))
     assert scores.shape == (200, 10)

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, train_py
+from conftest import REPO, raw_test_images, train_py
 from mnist_sweep import sweep
 
 pytestmark = pytest.mark.e2e
@@ -49,9 +49,9 @@ def _leaderboard(client, parent_id) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def failing_sweep(tmp_path_factory, mnist_root, cache_dir):
-    """Three trials, one of which diverges at once (lr 1e6)."""
+    """Three trials, one of which diverges at once (lr 1e6). Models on (the default): the best gets one."""
     workdir = tmp_path_factory.mktemp("failing_sweep")
-    args = ("-m", "optimizer.lr=0.001,1e6,0.003", "model.hidden=16", *SMALL, *_data(mnist_root, cache_dir))
+    args = ("-m", "optimizer.lr=0.001,1e6,0.003", "model.hidden=16", "trainer.epochs=1", *_data(mnist_root, cache_dir))
     proc = train_py(*args, cwd=workdir)
     return workdir, args, proc
 
@@ -69,6 +69,23 @@ def test_trials_are_nested_under_one_parent_that_records_the_sweep(failing_sweep
     assert len(trials) == 3
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     assert sorted(t.data.tags["hydra.job.num"] for t in trials) == ["0", "1", "2"]
+
+
+def test_only_the_best_trial_gets_a_logged_model_when_the_sweep_ends(failing_sweep, mnist_root):
+    import numpy as np
+
+    from mnist_sweep import tracking
+
+    workdir, _, proc = failing_sweep
+    client, parents, trials = _store(workdir)
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    best = max(finished, key=lambda t: t.data.metrics["val/acc"])
+    with_model = [t for t in trials if t.data.tags.get(tracking.MODEL_LOGGED) == "true"]
+    assert [t.info.run_id for t in with_model] == [best.info.run_id], proc.stderr[-2000:]
+    assert all(client.list_artifacts(t.info.run_id, "checkpoint") for t in finished)  # every trial keeps weights
+    images, labels = raw_test_images(mnist_root)
+    scores = mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model").predict(images)
+    assert (np.asarray(scores).argmax(1) == labels).mean() > 0.8
 
 
 def test_a_diverging_trial_fails_alone_and_the_command_exits_non_zero_after_all(failing_sweep):
