@@ -104,6 +104,16 @@ def start_run(*a, **k):
         add("mlflow", "start_run", t0)
 
 tracking.start_run = start_run
+best_model = sweep.log_best_model
+
+def log_best_model(*a, **k):  # once per sweep, inside finish: recorded on its own
+    t0 = time.perf_counter()
+    try:
+        return best_model(*a, **k)
+    finally:
+        T["once:log_best_model"] = T.get("once:log_best_model", 0.0) + time.perf_counter() - t0
+
+sweep.log_best_model = log_best_model
 import train
 train.main()
 json.dump(T, open(out, "w"))
@@ -173,8 +183,44 @@ def complete(workdir: Path, n: int) -> tuple[int, int, bool]:
     return finished, len(trials), metrics_ok and len(trials) == n
 
 
-def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
-    """Seconds per trial in MLflow calls, their share of a trial, the split by call, and the other parts."""
+# One training job of the sweep's largest model (2 epochs, no MLflow), in a fresh process with N threads:
+# prints its training throughput (samples/s of the last epoch).
+THROUGHPUT = r"""
+import json, sys
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[4])
+from mnist_sweep import bench
+t = bench.project_trial("x", ["model.hidden=256", f"data.cache_dir={sys.argv[3]}"], sys.argv[2], epochs=2,
+                        test_each_epoch=False)
+print(json.dumps(t.samples_per_s[-1]))
+"""
+
+
+def thread_scaling(data_root: str, cache: Path) -> dict[str, float]:
+    """The machine's own ceiling for 2 trials at once: samples/s of one job with 2 threads (how a sequential
+    sweep runs), of one with 1 thread, and of two 1-thread jobs running at the same time (their sum)."""
+
+    def start(threads: int) -> subprocess.Popen:
+        args = [sys.executable, "-c", THROUGHPUT, str(threads), data_root, str(cache), str(REPO)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+    def result(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit("thread-scaling job failed")
+        return float(out.strip().splitlines()[-1])
+
+    two_threads = result(start(2))
+    one_thread = result(start(1))
+    pair = [start(1), start(1)]
+    together = sum(result(p) for p in pair)
+    return {"2 threads": two_threads, "1 thread": one_thread, "2 x 1 thread at once": together}
+
+
+def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float], float]:
+    """Seconds per trial in MLflow calls, their share of a trial, the split by call, the other parts, and the
+    once-per-sweep logging of the best trial's model."""
     import json
 
     figures = json.loads(timings.read_text())
@@ -187,7 +233,8 @@ def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str,
     per_trial = sum(split.values())
     parts["MLflow (all calls above)"] = per_trial
     parts["a whole trial (first trial's start to the last one's end, per trial)"] = cycle
-    return per_trial, per_trial / cycle, dict(sorted(split.items(), key=lambda kv: -kv[1])), parts
+    once = figures.get("once:log_best_model", 0.0)
+    return per_trial, per_trial / cycle, dict(sorted(split.items(), key=lambda kv: -kv[1])), parts, once
 
 
 def _machine() -> str:
@@ -251,13 +298,16 @@ def main(argv: list[str] | None = None) -> None:
                 par_walls.append(wall)
                 completeness.append(complete(work, n))
 
-    print("timing the MLflow calls of a sequential sweep at the defaults (5 epochs, model logged)", flush=True)
+    print("the machine's ceiling: one job with 2 threads vs two 1-thread jobs at once", flush=True)
+    scaling = thread_scaling(a.data_root, cache)
+    ceiling = scaling["2 x 1 thread at once"] / scaling["2 threads"]
+
+    print("timing the MLflow calls of a sequential sweep at the defaults (5 epochs)", flush=True)
     timed_dir = base / "timed"
     timed_dir.mkdir()
     timings = base / "timings.json"
     _sweep(timed_dir, ["model.hidden=64,128,256"], common, timings=timings)
-    per_trial, share, split, parts = logging_share(timings, timed_dir)
-    model_s = split.get("log_model", 0.0)
+    per_trial, share, split, parts, best_model_s = logging_share(timings, timed_dir)
 
     ratios = [s / p for s, p in zip(seq_walls, par_walls, strict=True)]
     ratio = statistics.fmean(ratios)
@@ -287,19 +337,22 @@ def main(argv: list[str] | None = None) -> None:
         f"(cycle {statistics.fmean(cycles):.2f} s per trial; runs: {', '.join(f'{x:.2f}' for x in fixed)} s) "
         f"| {verdict(fixed_s <= 0.5)} |",
         f"| MLflow logging ≤ 5% of a trial's time | {share:.1%} ({per_trial:.2f} s of a "
-        f"{per_trial / share:.2f} s trial; without `log_model`: "
-        f"{(per_trial - model_s) / (per_trial / share - model_s):.1%}) | {verdict(share <= 0.05)} |",
+        f"{per_trial / share:.2f} s trial; once per sweep, logging the best trial's model: {best_model_s:.2f} s) "
+        f"| {verdict(share <= 0.05)} |",
         f"| 2 parallel trials on 2 cores ≥ 1.3× sequential throughput (hidden ≤ 256) | whole command "
         f"{ratio:.2f}×; trials alone (first start to last end) {statistics.fmean(steady):.2f}× "
         f"(pairs: {', '.join(f'{r:.2f}/{q:.2f}' for r, q in zip(ratios, steady, strict=True))}; sequential "
         f"{', '.join(f'{w:.1f}' for w in seq_walls)} s, parallel {', '.join(f'{w:.1f}' for w in par_walls)} s) "
         f"| {verdict(ratio >= 1.3)} (command), {verdict(statistics.fmean(steady) >= 1.3)} (trials) |",
+        "| (the machine's ceiling for that ratio: two 1-thread training jobs at once vs one 2-thread job, "
+        "`model.hidden=256`) | "
+        f"{ceiling:.2f}× ({', '.join(f'{k}: {v:,.0f} samples/s' for k, v in scaling.items())}) | |",
         "| 6-trial sweep, 2 at a time, fresh store: 6/6 FINISHED, all per-epoch metrics | "
         + "; ".join(f"{f}/{t} FINISHED, metrics {'complete' if ok else 'MISSING'}" for f, t, ok in completeness)
         + f" | {verdict(finished_ok)} |",
         "",
         "MLflow time per trial, by call (wall-clock timers around each call; sequential sweep "
-        "`model.hidden=64,128,256` at the defaults: 5 epochs, model logged):",
+        "`model.hidden=64,128,256` at the defaults: 5 epochs, `mlflow.sweep_models=best`):",
         "",
         "| call | seconds per trial |",
         "| --- | --- |",
@@ -318,14 +371,18 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Where a target is missed, the time goes to: (1) the fixed cost - Hydra composing each job's config, the "
         "first trial's data load (later trials in the same process reuse the prepared tensors), MLflow and "
-        "the local artifacts (the tables above give each part); (2) MLflow's share is `log_model` "
-        "(serialising the model with its code, signature "
-        "and input example); without it MLflow takes "
-        f"{(per_trial - model_s) / (per_trial / share - model_s):.1%} of a trial - sweeps that do not need every "
-        "trial's model can set `mlflow.log_model=false`; (3) joblib's worker processes start fresh interpreters "
+        "the local artifacts (the tables above give each part); (2) MLflow: trials of a sweep log metrics, "
+        "params, tags and artifacts, and only the best trial's model is logged, once, when the sweep ends "
+        "(`mlflow.sweep_models=best`: `log_model` is slow the first time in a process - MLflow maps the files of "
+        "every installed package to check the model's requirements - and `mlflow.sweep_models=all` pays it in "
+        "every trial process and a fraction of it in every trial); "
+        "(3) joblib's worker processes start fresh interpreters "
         "that import torch and MLflow once per sweep (the gap between the whole command and the trials alone); "
         "over the trials themselves 2 parallel jobs give "
-        f"{statistics.fmean(steady):.2f}x, so the longer the sweep, the closer the command gets to that.",
+        f"{statistics.fmean(steady):.2f}x, so the longer the sweep, the closer the command gets to that; "
+        "(4) the ceiling: one trial already keeps both cores busy (one job with 2 threads runs "
+        f"{scaling['2 threads'] / scaling['1 thread']:.2f}x as fast as with 1), so two 1-thread trials at once "
+        f"can only reach {ceiling:.2f}x of it on this machine, whatever the launcher does.",
         "",
     ]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
