@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_loaders
-from mnist_sweep import bench, model, training
+from mnist_sweep import bench, bench_search, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -121,3 +121,33 @@ def test_bench_quick_writes_the_report(tmp_path, mnist_root):
     assert "torch " + torch.__version__ in text
     assert "--quick smoke mode" in text
     assert "GFLOP/s" in text and "samples/s" in text
+
+
+@pytest.mark.e2e
+def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tmp_path, mnist_root, cache_dir):
+    out, work = tmp_path / "BENCHMARKS-search.md", tmp_path / "work"
+    tiny = ["model.hidden=choice(16,24)", "model.depth=range(1,2)", "data.batch_size=choice(512)"]
+    tiny += [f"data.cache_dir={cache_dir}", "hydra.sweeper.startup_trials=1", "hydra.sweeper.warmup_epochs=0"]
+    args = ["--data-root", str(mnist_root), "--trials", "3", "--epochs", "2", "--workdir", str(work)]
+    args += [a for o in tiny for a in ("--override", o)]
+    assert bench_search.main([*args, "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = _search_rows(text)
+    trials, pruned, epochs = (int(rows["no pruning"][i]) for i in range(3))
+    assert (trials, pruned, epochs) == (3, 0, 6)  # no pruning: every trial runs every epoch
+    assert int(rows["median pruner"][0]) == 3 and int(rows["median pruner"][2]) <= 6
+    assert "Pruning saved" in text and "python -m mnist_sweep.bench_search --data-root" in text
+    # The report can be rebuilt from the stores, against a reference grid (here: the unpruned search's runs).
+    again = tmp_path / "again.md"
+    assert (
+        bench_search.main([*args, "--report-only", "--reference-experiment", "bench-search-none", "--out", str(again)])
+        == 0
+    )
+    rebuilt = again.read_text()
+    assert _search_rows(rebuilt) == rows and rebuilt.splitlines()[2] == text.splitlines()[2]  # same rows, command
+    assert "Gap of the pruned search's best trial to it" in rebuilt
+
+
+def _search_rows(text: str) -> dict[str, list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith(("| median pruner", "| no pruning"))]
+    return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines}

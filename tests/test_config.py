@@ -80,6 +80,8 @@ def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
         ("trainer.epochs=0", "trainer.epochs"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("device.type=tpu", "device"),
+        ("model.input_dropout=1", "model.input_dropout"),
+        ("mlflow.sweep_models=some", "mlflow.sweep_models"),
     ],
 )
 def test_out_of_range_values_are_rejected_before_any_work(override, message):
@@ -102,3 +104,12 @@ def test_config_hash_ignores_where_things_go_but_not_what_is_computed():
     assert config.config_hash(_compose("data.root=/elsewhere", "mlflow.experiment=x")) == base
     assert config.config_hash(_compose("model.hidden=128")) != base
     assert config.config_hash(_compose("seed=1")) != base
+
+
+def test_best_presets_compose_with_their_recipes():
+    best = config.check(_compose("experiment=best"))
+    assert (best.model.hidden, best.model.depth, best.model.input_dropout, best.model.dropout) == (2048, 2, 0.2, 0.5)
+    assert best.data.augment.strength == 0 and best.trainer.precision == "bf16"
+    aug = config.check(_compose("experiment=best_aug"))
+    assert aug.data.augment.strength > 0 and aug.model.hidden == best.model.hidden  # the same net, distorted data
+    assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"

@@ -1,0 +1,205 @@
+"""Benchmark the search (issue 4): does a budget of N trials find a config close to the best preset, and how
+many epochs does pruning save? Writes docs/BENCHMARKS-search.md.
+
+    python -m mnist_sweep.bench_search --data-root ../shared/datasets/mnist \\
+        --reference-experiment best-candidates --tracking-uri sqlite:///mlruns/mlflow.db
+
+Side by side, in one run: the same ``experiment=search`` (same space, same TPE seed, same trial budget and
+epochs) launched twice at the same time, once with the median pruner and once with ``pruner=none``. The epochs
+each spent are counted from the Optuna study (one intermediate value per epoch a trial ran). The reference is
+the best recipe, by mean validation accuracy over its seeds, among the finished runs of
+``--reference-experiment`` (the grid the ``best`` preset was chosen from). Both the search and the reference are
+judged on validation accuracy, the only thing either was allowed to look at; test accuracy is shown beside it.
+
+``--report-only`` rewrites the report from the stores a previous run left in ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "docs" / "BENCHMARKS-search.md"
+PRUNERS = ("median", "none")
+
+
+def _search_command(a, workdir: Path, pruner: str) -> list[str]:
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "experiment=search"]
+    cmd += [
+        f"hydra.sweeper.n_trials={a.trials}",
+        f"hydra.sweeper.n_jobs={a.jobs}",
+        f"hydra.sweeper.pruner={pruner}",
+        f"hydra.sweeper.study_name=bench-{pruner}",
+        f"hydra.sweeper.storage=sqlite:///{workdir}/optuna.db",
+        f"hydra.sweeper.preset_dir={workdir}/presets",
+        f"hydra.sweeper.best_preset=found_{pruner}",
+        f"hydra.sweep.dir={workdir}/multirun/{pruner}",
+        f"mlflow.experiment=bench-search-{pruner}",
+        f"mlflow.tracking_uri={a.tracking_uri}",
+        "mlflow.log_model=false",
+        f"trainer.epochs={a.epochs}",
+        "trainer.progress=false",
+        f"data.root={a.data_root}",
+        f"device.type={a.device}",
+    ]
+    if a.jobs > 1:
+        cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={a.jobs}"]
+    return cmd + list(a.override)
+
+
+def run_searches(a, workdir: Path) -> dict[str, float]:
+    """Both searches at once; returns each one's wall time."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs, started, walls = {}, {}, {}
+    for pruner in PRUNERS:
+        log = open(workdir / f"search-{pruner}.log", "w")  # noqa: SIM115 (closed with the process)
+        procs[pruner] = (
+            subprocess.Popen(
+                _search_command(a, workdir, pruner), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+            ),
+            log,
+        )
+        started[pruner] = time.perf_counter()
+    for pruner, (proc, log) in procs.items():
+        rc = proc.wait()
+        walls[pruner] = time.perf_counter() - started[pruner]
+        log.close()
+        if rc != 0:
+            tail = (workdir / f"search-{pruner}.log").read_text()[-3000:]
+            raise SystemExit(f"the {pruner} search failed (exit {rc}):\n{tail}")
+    return walls
+
+
+def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
+    import optuna
+    from mlflow import MlflowClient
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=f"bench-{pruner}", storage=f"sqlite:///{workdir}/optuna.db")
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = [t for t in study.trials if t.state in states]
+    best = study.best_trial
+    # The sweeper runs the chosen config once more with the test set: the only test score of the search.
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(f"bench-search-{pruner}")
+    tested = [r for r in client.search_runs([exp.experiment_id]) if "test/acc" in r.data.metrics] if exp else []
+    return {
+        "trials": len(trials),
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+        "epochs": sum(len(t.intermediate_values) for t in trials),
+        "best_val": best.value,
+        "best_params": best.params,
+        "test": tested[0].data.metrics["test/acc"] if tested else float("nan"),
+    }
+
+
+def reference(tracking_uri: str, experiment: str) -> dict | None:
+    """The best recipe of the reference grid by mean validation accuracy (as the preset was chosen)."""
+    from mnist_sweep import results
+
+    rows = results.collect(tracking_uri, experiment)
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: statistics.fmean(r["val"]))
+    return {**best, "val_mean": statistics.fmean(best["val"]), "test_mean": statistics.fmean(best["test"])}
+
+
+def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict], ref: dict | None) -> str:
+    from mnist_sweep.bench_sweeps import _machine, _versions
+
+    pruned, full = summaries["median"], summaries["none"]
+    saved = 1 - pruned["epochs"] / full["epochs"] if full["epochs"] else float("nan")
+    lines = [
+        "# Search benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {_machine()}; device {_device_name(a.device)}. {_versions()}.",
+        "",
+        f"Both searches: `experiment=search`, {a.trials} trials of at most {a.epochs} epochs, TPE seed 0, "
+        f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
+        "",
+        "| search | trials | pruned | epochs spent | best val acc % | its test acc % | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in (("median pruner", pruned), ("no pruning", full)):
+        key = "median" if s is pruned else "none"
+        lines.append(
+            f"| {name} | {s['trials']} | {s['pruned']} | {s['epochs']} | {100 * s['best_val']:.2f} | "
+            f"{100 * s['test']:.2f} | {walls.get(key, float('nan')):.0f} |"
+        )
+    lines += ["", f"**Pruning saved {100 * saved:.0f}% of the epochs** (target ≥ 40%)."]
+    if ref:
+        gaps = {k: 100 * (ref["val_mean"] - s["best_val"]) for k, s in summaries.items()}
+        lines += [
+            "",
+            f"Reference, the best recipe of `{a.reference_experiment}` by mean val acc "
+            f"({ref['recipe']}: {ref['model']}, {ref['optimizer']}, {ref['epochs']} epochs, seeds "
+            f"{','.join(map(str, ref['seeds']))}): "
+            f"val {ref['val_mean'] * 100:.2f}%, test {ref['test_mean'] * 100:.2f}%.",
+            "",
+            f"**Gap of the pruned search's best trial to it: {gaps['median']:.2f} points of val acc** "
+            f"(no pruning: {gaps['none']:.2f}; target ≤ 0.2).",
+        ]
+    lines += ["", "Best trials:", ""]
+    for key in PRUNERS:
+        params = " ".join(f"{k}={v}" for k, v in summaries[key]["best_params"].items())
+        lines.append(f"- {key}: `{params}`")
+    return "\n".join(lines) + "\n"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name()})"
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_root = REPO.parent / "shared" / "datasets" / "mnist"
+    parser.add_argument("--data-root", default=str(default_root if default_root.exists() else REPO / "data"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=1, help="trials at once in each search (joblib)")
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///WORKDIR/mlflow.db")
+    parser.add_argument("--reference-experiment", default=None, help="MLflow experiment holding the preset grid")
+    parser.add_argument("--reference-uri", default=None, help="its tracking URI (default: --tracking-uri)")
+    parser.add_argument("--workdir", default="outputs/bench-search")
+    parser.add_argument("--override", action="append", default=[], help="extra override for both searches")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--out", default=str(OUT))
+    a = parser.parse_args(argv)
+    workdir = Path(a.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    a.data_root = str(Path(a.data_root).resolve())
+    a.tracking_uri = a.tracking_uri or f"sqlite:///{workdir}/mlflow.db"
+    command = " ".join(["python -m mnist_sweep.bench_search", *(sys.argv[1:] if argv is None else argv)])
+
+    record = workdir / "searches.json"  # what ran and how long: --report-only reports it
+    if a.report_only:
+        saved = json.loads(record.read_text()) if record.exists() else {}
+        walls, command = saved.get("walls", {}), saved.get("command", command)
+    else:
+        walls = run_searches(a, workdir)
+        record.write_text(json.dumps({"walls": walls, "command": command}))
+    summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in PRUNERS}
+    ref = reference(a.reference_uri or a.tracking_uri, a.reference_experiment) if a.reference_experiment else None
+    text = markdown(a, command, walls, summaries, ref)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
