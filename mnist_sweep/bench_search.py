@@ -2,13 +2,15 @@
 many epochs does pruning save? Writes docs/BENCHMARKS-search.md.
 
     python -m mnist_sweep.bench_search --data-root ../shared/datasets/mnist \\
-        --reference-experiment best-candidates --tracking-uri sqlite:///mlruns/mlflow.db
+        --reference-experiment results --reference-uri sqlite:///mlruns/mlflow.db
 
 Side by side, in one run: the same ``experiment=search`` (same space, same TPE seed, same trial budget and
-epochs) launched twice at the same time, once with the median pruner and once with ``pruner=none``. The epochs
+epochs) launched twice at the same time, once with a pruner (``--pruner``: median, the preset's, or hyperband) and
+once with ``pruner=none``. The epochs
 each spent are counted from the Optuna study (one intermediate value per epoch a trial ran). The reference is
-the best recipe, by mean validation accuracy over its seeds, among the finished runs of
-``--reference-experiment`` (the grid the ``best`` preset was chosen from). Both the search and the reference are
+the recipe ``--reference-recipe`` (the ``best`` preset, which like the search uses no augmentation) among the
+finished runs of ``--reference-experiment``, by mean validation accuracy over its seeds. Both the search and the
+reference are
 judged on validation accuracy, the only thing either was allowed to look at; test accuracy is shown beside it.
 
 ``--report-only`` rewrites the report from the stores a previous run left in ``--workdir``.
@@ -27,7 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "BENCHMARKS-search.md"
-PRUNERS = ("median", "none")
 
 
 def _search_command(a, workdir: Path, pruner: str) -> list[str]:
@@ -58,7 +59,7 @@ def run_searches(a, workdir: Path) -> dict[str, float]:
     """Both searches at once; returns each one's wall time."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs, started, walls = {}, {}, {}
-    for pruner in PRUNERS:
+    for pruner in (a.pruner, "none"):
         log = open(workdir / f"search-{pruner}.log", "w")  # noqa: SIM115 (closed with the process)
         procs[pruner] = (
             subprocess.Popen(
@@ -100,11 +101,11 @@ def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
     }
 
 
-def reference(tracking_uri: str, experiment: str) -> dict | None:
-    """The best recipe of the reference grid by mean validation accuracy (as the preset was chosen)."""
+def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
+    """The preset ``recipe`` (its best variant by mean validation accuracy) among the experiment's runs."""
     from mnist_sweep import results
 
-    rows = results.collect(tracking_uri, experiment)
+    rows = [r for r in results.collect(tracking_uri, experiment) if r["recipe"] == recipe]
     if not rows:
         return None
     best = max(rows, key=lambda r: statistics.fmean(r["val"]))
@@ -114,7 +115,7 @@ def reference(tracking_uri: str, experiment: str) -> dict | None:
 def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict], ref: dict | None) -> str:
     from mnist_sweep.bench_sweeps import _machine, _versions
 
-    pruned, full = summaries["median"], summaries["none"]
+    pruned, full = summaries[a.pruner], summaries["none"]
     saved = 1 - pruned["epochs"] / full["epochs"] if full["epochs"] else float("nan")
     lines = [
         "# Search benchmark",
@@ -129,8 +130,8 @@ def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict
         "| search | trials | pruned | epochs spent | best val acc % | its test acc % | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, s in (("median pruner", pruned), ("no pruning", full)):
-        key = "median" if s is pruned else "none"
+    for name, s in ((f"{a.pruner} pruner", pruned), ("no pruning", full)):
+        key = a.pruner if s is pruned else "none"
         lines.append(
             f"| {name} | {s['trials']} | {s['pruned']} | {s['epochs']} | {100 * s['best_val']:.2f} | "
             f"{100 * s['test']:.2f} | {walls.get(key, float('nan')):.0f} |"
@@ -140,27 +141,25 @@ def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict
         gaps = {k: 100 * (ref["val_mean"] - s["best_val"]) for k, s in summaries.items()}
         lines += [
             "",
-            f"Reference, the best recipe of `{a.reference_experiment}` by mean val acc "
+            f"Reference, the `{a.reference_recipe}` preset in `{a.reference_experiment}` "
             f"({ref['recipe']}: {ref['model']}, {ref['optimizer']}, {ref['epochs']} epochs, seeds "
             f"{','.join(map(str, ref['seeds']))}): "
             f"val {ref['val_mean'] * 100:.2f}%, test {ref['test_mean'] * 100:.2f}%.",
             "",
-            f"**Gap of the pruned search's best trial to it: {gaps['median']:.2f} points of val acc** "
+            f"**Gap of the pruned search's best trial to it: {gaps[a.pruner]:.2f} points of val acc** "
             f"(no pruning: {gaps['none']:.2f}; target ≤ 0.2).",
         ]
     lines += ["", "Best trials:", ""]
-    for key in PRUNERS:
+    for key in summaries:
         params = " ".join(f"{k}={v}" for k, v in summaries[key]["best_params"].items())
         lines.append(f"- {key}: `{params}`")
     return "\n".join(lines) + "\n"
 
 
 def _device_name(device: str) -> str:
-    import torch
+    from mnist_sweep import training
 
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name()})"
-    return device
+    return training.device_name(training.resolve_device(device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--pruner", default="median", choices=["median", "hyperband"], help="the pruned search's")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once in each search (joblib)")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///WORKDIR/mlflow.db")
     parser.add_argument("--reference-experiment", default=None, help="MLflow experiment holding the preset grid")
     parser.add_argument("--reference-uri", default=None, help="its tracking URI (default: --tracking-uri)")
+    parser.add_argument("--reference-recipe", default="best", help="the preset to compare with (no augmentation)")
     parser.add_argument("--workdir", default="outputs/bench-search")
     parser.add_argument("--override", action="append", default=[], help="extra override for both searches")
     parser.add_argument("--report-only", action="store_true")
@@ -192,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         walls = run_searches(a, workdir)
         record.write_text(json.dumps({"walls": walls, "command": command}))
-    summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in PRUNERS}
-    ref = reference(a.reference_uri or a.tracking_uri, a.reference_experiment) if a.reference_experiment else None
+    summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in (a.pruner, "none")}
+    ref_uri = a.reference_uri or a.tracking_uri
+    ref = reference(ref_uri, a.reference_experiment, a.reference_recipe) if a.reference_experiment else None
     text = markdown(a, command, walls, summaries, ref)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

@@ -137,12 +137,10 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     assert (trials, pruned, epochs) == (3, 0, 6)  # no pruning: every trial runs every epoch
     assert int(rows["median pruner"][0]) == 3 and int(rows["median pruner"][2]) <= 6
     assert "Pruning saved" in text and "python -m mnist_sweep.bench_search --data-root" in text
-    # The report can be rebuilt from the stores, against a reference grid (here: the unpruned search's runs).
+    # The report can be rebuilt from the stores, against a reference recipe (here: the unpruned search's own).
+    reference = ["--reference-experiment", "bench-search-none", "--reference-recipe", "search"]
     again = tmp_path / "again.md"
-    assert (
-        bench_search.main([*args, "--report-only", "--reference-experiment", "bench-search-none", "--out", str(again)])
-        == 0
-    )
+    assert bench_search.main([*args, "--report-only", *reference, "--out", str(again)]) == 0
     rebuilt = again.read_text()
     assert _search_rows(rebuilt) == rows and rebuilt.splitlines()[2] == text.splitlines()[2]  # same rows, command
     assert "Gap of the pruned search's best trial to it" in rebuilt
