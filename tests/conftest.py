@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,15 +96,39 @@ def raw_test_images(mnist_root: Path, n: int = 200):
     return images, data.read_idx(files["t10k-labels-idx1-ubyte"])[:n].numpy()
 
 
+def _train_py_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed
+    env.pop("HYDRA_FULL_ERROR", None)  # errors as users see them
+    return env
+
+
 def train_py(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py OVERRIDES...` for real, the way a user does."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],
         cwd=cwd,
-        env=env,
+        env=_train_py_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def start_train_py(*overrides: str, cwd: Path) -> subprocess.Popen:
+    """Start `python train.py OVERRIDES...` in the background, its output (stdout and stderr) readable by line."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd,
+        env=_train_py_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, done, seconds: float) -> None:
+    """Read ``proc``'s output until a line satisfies ``done(line)`` (or ``seconds`` pass)."""
+    deadline = time.time() + seconds
+    for line in proc.stdout:
+        if done(line) or time.time() > deadline:
+            return

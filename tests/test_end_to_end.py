@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, raw_test_images, train_py
+from conftest import raw_test_images, read_until, start_train_py, train_py
 
 pytestmark = pytest.mark.e2e
 
@@ -180,25 +176,8 @@ def test_corrupt_idx_file_is_named_before_training(tmp_path, mnist_root, cache_d
 
 
 def test_sigterm_closes_the_run_as_killed(tmp_path, mnist_root, cache_dir):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "trainer.epochs=50",
-            f"data.root={mnist_root}",
-            f"data.cache_dir={cache_dir}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 120
-    for line in proc.stdout:  # wait until training is under way
-        if "epoch 1/50" in line or time.time() > deadline:
-            break
+    proc = start_train_py("trainer.epochs=50", f"data.root={mnist_root}", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    read_until(proc, lambda line: "epoch 1/50" in line, 120)  # training is under way
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode == 130

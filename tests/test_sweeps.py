@@ -10,15 +10,12 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, raw_test_images, train_py
+from conftest import raw_test_images, read_until, start_train_py, train_py
 from mnist_sweep import sweep
 
 pytestmark = pytest.mark.e2e
@@ -150,31 +147,23 @@ def test_relaunch_runs_only_what_did_not_finish(failing_sweep, mnist_root, cache
 
 
 def test_resume_after_kill_9_finishes_each_config_exactly_once(tmp_path, mnist_root, cache_dir):
-    args = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "-m",
-        "model.hidden=16,24,32",
-        "trainer.epochs=3",
-        "mlflow.log_model=false",
-        *_data(mnist_root, cache_dir),
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
+    args = ("-m", "model.hidden=16,24,32", "trainer.epochs=3", "mlflow.log_model=false", *_data(mnist_root, cache_dir))
+    proc = start_train_py(*args, cwd=tmp_path)
     results = 0
-    for line in proc.stdout:  # kill -9 in the middle of the second trial
+
+    def second_trial_training(line: str) -> bool:  # kill -9 in the middle of the second trial
+        nonlocal results
         results += line.startswith("val/acc ")
-        if (results == 1 and "epoch 1/3" in line) or time.time() > deadline:
-            break
+        return results == 1 and "epoch 1/3" in line
+
+    read_until(proc, second_trial_training, 300)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     client, parents, trials = _store(tmp_path)
     assert [p.info.status for p in parents] == ["RUNNING"]  # nobody could close them...
     assert sorted(t.info.status for t in trials) == ["FINISHED", "RUNNING"]
 
-    relaunch = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    relaunch = train_py(*args, cwd=tmp_path)
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert relaunch.stdout.count("skipped: this config already FINISHED") == 1
     client, parents, trials = _store(tmp_path)
@@ -272,21 +261,9 @@ def test_trial_outcome_tags_are_json(failing_sweep):
 
 
 def test_sigterm_closes_the_sweep_and_its_running_trial_as_killed(tmp_path, mnist_root, cache_dir):
-    args = [sys.executable, str(REPO / "train.py"), "-m", "model.hidden=16,24", "trainer.epochs=50"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen(
-        [*args, *SMALL[1:], *_data(mnist_root, cache_dir)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 300
-    for line in proc.stdout:  # the first trial is training
-        if "epoch 1/50" in line or time.time() > deadline:
-            break
+    args = ("-m", "model.hidden=16,24", "trainer.epochs=50", *SMALL[1:], *_data(mnist_root, cache_dir))
+    proc = start_train_py(*args, cwd=tmp_path)
+    read_until(proc, lambda line: "epoch 1/50" in line, 300)  # the first trial is training
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, rest[-2000:]
