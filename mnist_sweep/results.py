@@ -64,9 +64,7 @@ def collect(tracking_uri: str, *experiments: str) -> list[dict]:
                     for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout"))
                     if params.get(key) not in (None, "0.0")
                 ),
-                "device": ", ".join(
-                    sorted({r.data.tags.get("device.name", r.data.tags.get("device", "?")) for r in members})
-                ),
+                "device": ", ".join(sorted({_device(r.data.tags) for r in members})),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),
                 "augment": params.get("data.augment.strength", "0.0"),
