@@ -46,16 +46,6 @@ THRESHOLDS = (0.975, 0.980)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -478,7 +468,7 @@ def report(
         table(
             ["", ""],
             [
-                ["CPU", f"{cpu_model()} ({isa})"],
+                ["CPU", f"{training.cpu_model()} ({isa})"],
                 ["cores / torch threads", f"{os.cpu_count()} / {torch.get_num_threads()}"],
                 ["accelerator", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"],
                 ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],

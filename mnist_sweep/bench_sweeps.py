@@ -238,15 +238,9 @@ def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str,
 
 
 def _machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+    from mnist_sweep.training import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
 
 
 def _versions() -> str:

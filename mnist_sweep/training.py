@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import math
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -56,13 +57,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "CPU")
-        except OSError:
-            model = "CPU"
-        return f"{model}, {torch.get_num_threads()} threads"
+        return f"{cpu_model()}, {torch.get_num_threads()} threads"
     return device.type
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo, else what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str, final: float) -> float:
