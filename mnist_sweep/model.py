@@ -87,7 +87,11 @@ def flops_per_sample(model: nn.Module) -> int:
 
 def load_checkpoint(path) -> Classifier:
     """Rebuild the exported classifier from ``checkpoint/model.pt`` (its config is saved beside it)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return classifier_from(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def classifier_from(ckpt: dict) -> Classifier:
+    """The classifier of a checkpoint already read with ``torch.load``."""
     net = MLP(**ckpt["model_args"])
     net.load_state_dict(ckpt["state_dict"])
     return Classifier(net, ckpt["mean"], ckpt["std"]).eval()

@@ -298,8 +298,8 @@ def log_best_model(client, run_id: str, model_format: str) -> None:
         return  # a resumed sweep whose best trial already has its model
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "checkpoint/model.pt", tmp)
-        classifier = model.load_checkpoint(path)
-        example = torch.load(path, map_location="cpu", weights_only=True).get("example")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    classifier, example = model.classifier_from(ckpt), ckpt.get("example")
     if example is None:  # a checkpoint from before examples were kept in it: a blank page does as an example
         example = torch.zeros(1, 1, 28, 28)
     uri = tracking.Run(run_id).log_model(classifier, example.numpy(), model_format)
