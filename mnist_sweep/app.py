@@ -273,7 +273,8 @@ def run(cfg: DictConfig) -> float:
             mlrun.log_artifacts(out_dir / ".hydra", "hydra")
         # In a sweep the best trial's model is logged when the sweep ends (sweep.finish), from its checkpoint.
         if settings.mlflow.log_model and (not in_sweep or settings.mlflow.sweep_models == "all"):
-            mlrun.log_model(model.Classifier(net, d.mean, d.std), example.numpy(), settings.mlflow.model_format)
+            classifier = model.Classifier(net, d.mean, d.std, d.deskew)
+            mlrun.log_model(classifier, example.numpy(), settings.mlflow.model_format)
         _flush_logs()
         for log_file in out_dir.glob("*.log"):
             mlrun.log_artifact(log_file)
@@ -307,6 +308,7 @@ def make_loaders(settings, device, order):
         download=d.download,
         verify=d.verify,
         num_workers=d.num_workers,
+        deskewed=d.deskew,
     )
 
 
@@ -340,7 +342,11 @@ def make_schedule(settings):
 
 
 def loaders_example(loaders, mean: float, std: float):
-    """A few validation images as the exported model expects them: ToTensor's 0..1 scale, [N,1,28,28]."""
+    """A few validation images as the exported model expects them: ToTensor's 0..1 scale, [N,1,28,28].
+
+    (With data.deskew they are the deskewed images: still valid input, as deskewing an upright digit again
+    changes little.)
+    """
     x, _ = next(iter(loaders.val if len(loaders.val) else loaders.test))
     return (x[:4].detach().float().cpu() * std + mean).clamp(0, 1)
 
@@ -359,6 +365,7 @@ def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots
             "model_args": model_args,
             "mean": d.mean,
             "std": d.std,
+            "deskew": d.deskew,
             "classes": list(classes),
             "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
             "example": example,  # input example for a model logged later from this checkpoint

@@ -174,6 +174,7 @@ class DataConfig:
     split_seed: int = 0  # fixed apart from `seed`, so every run of a sweep is judged on the same images
     mean: float = 0.1307  # Normalize((mean,), (std,)): the training set's pixel statistics
     std: float = 0.3081
+    deskew: bool = False  # straighten each slanted digit first (data.py deskew), for every split and the model
     download: bool = True  # try torchvision's download when the files are not under root
     verify: bool = True  # check each file's SHA-256 (once; the result is cached)
     cache_dir: str | None = None  # decoded tensors and checksum records; default ~/.cache/mnist-sweep

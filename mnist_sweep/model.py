@@ -7,8 +7,12 @@ It takes plain arguments, never the whole config, so it can be built and tested 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from mnist_sweep.data import deskew
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
@@ -62,17 +66,22 @@ class Classifier(nn.Module):
     """What gets exported: raw images in, class scores out.
 
     Takes images as ``ToTensor()`` gives them (float, 0..1, shape [N,1,28,28] or [N,28,28]) and applies the
-    training ``Normalize`` itself, so users of the saved model need not know the dataset's mean and std.
+    training preprocessing itself - ``deskew`` when the net was trained on deskewed digits, then ``Normalize`` -
+    so users of the saved model need not know the dataset's mean and std.
     """
 
-    def __init__(self, net: nn.Module, mean: float, std: float):
+    def __init__(self, net: nn.Module, mean: float, std: float, deskew: bool = False):
         super().__init__()
         self.net = net
+        self.deskew = deskew
         self.register_buffer("mean", torch.tensor(mean))
         self.register_buffer("std", torch.tensor(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1).float()
+        if self.deskew:
+            side = math.isqrt(x.shape[1])
+            x = deskew(x.view(-1, side, side)).view(x.shape)
         return self.net((x - self.mean) / self.std)
 
 
@@ -94,4 +103,4 @@ def classifier_from(ckpt: dict) -> Classifier:
     """The classifier of a checkpoint already read with ``torch.load``."""
     net = MLP(**ckpt["model_args"])
     net.load_state_dict(ckpt["state_dict"])
-    return Classifier(net, ckpt["mean"], ckpt["std"]).eval()
+    return Classifier(net, ckpt["mean"], ckpt["std"], ckpt.get("deskew", False)).eval()

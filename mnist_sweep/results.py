@@ -16,16 +16,30 @@ from collections import defaultdict
 from pathlib import Path
 
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
+# Keys added to the config after some runs were logged, with the value those runs had without saying so.
+ADDED_LATER = {"data.deskew": "False"}
 
 
 def _recipe_key(params: dict[str, str]) -> tuple:
     return tuple(
-        sorted((k, v) for k, v in params.items() if k not in IGNORED and not k.startswith(("optuna.", "sweep.")))
+        sorted(
+            (k, v)
+            for k, v in params.items()
+            if k not in IGNORED and not k.startswith(("optuna.", "sweep.")) and ADDED_LATER.get(k) != v
+        )
     )
 
 
 def _device(tags: dict[str, str]) -> str:
     return tags.get("device.name", tags.get("device", "?"))
+
+
+def _data(params: dict[str, str]) -> str:
+    """What the net saw: the images as they are, deskewed (data.deskew), and/or augmented (data.augment)."""
+    parts = ["deskewed"] if params.get("data.deskew") == "True" else []
+    if params.get("data.augment.strength", "0.0") not in ("0", "0.0"):
+        parts.append(f"augment {params['data.augment.strength']}")
+    return ", ".join(parts) or "as is"
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -67,7 +81,7 @@ def collect(tracking_uri: str, *experiments: str) -> list[dict]:
                 "device": ", ".join(sorted({_device(r.data.tags) for r in members})),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),
-                "augment": params.get("data.augment.strength", "0.0"),
+                "data": _data(params),
                 "seeds": sorted(int(r.data.params.get("seed", 0)) for r in members),
                 "test": [r.data.metrics["test/acc"] for r in members],
                 "val": [
@@ -92,12 +106,12 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         f"Regenerate with: `{command}`",
         "",
         *([f"The runs: {how}", ""] if how else []),
-        "| recipe | model | optimizer | epochs | augment | seeds | test acc % | val acc % | training s | device |",
+        "| recipe | model | optimizer | epochs | data | seeds | test acc % | val acc % | training s | device |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['recipe']} | {r['model']} | {r['optimizer']} | {r['epochs']} | {r['augment']} | "
+            f"| {r['recipe']} | {r['model']} | {r['optimizer']} | {r['epochs']} | {r['data']} | "
             f"{','.join(map(str, r['seeds']))} | {_fmt(r['test'])} | {_fmt(r['val'])} | "
             f"{_fmt(r['train_s'], scale=1.0, digits=1)} | {r['device']} |"
         )

@@ -45,7 +45,7 @@ def make_dataset(folder: Path, n_train: int = 120, n_test: int = 40, compress: b
     return out
 
 
-def tiny_loaders(root, cache, loader="tensor", batch_size=16, eval_batch_size=25, seed=3):
+def tiny_loaders(root, cache, loader="tensor", batch_size=16, eval_batch_size=25, seed=3, deskewed=False):
     """The train/val/test loaders over a tiny dataset: 20 validation images, no download, no checksums."""
     from mnist_sweep import data
 
@@ -64,6 +64,7 @@ def tiny_loaders(root, cache, loader="tensor", batch_size=16, eval_batch_size=25
         cache_dir=cache,
         download=False,
         verify=False,
+        deskewed=deskewed,
     )
 
 

@@ -88,14 +88,15 @@ def test_split_is_disjoint_complete_and_seeded():
     assert not torch.equal(data.split_indices(1000, 100, seed=1)[1], val)
 
 
-def _loaders(root, cache, loader, batch_size=16, seed=3):
-    return tiny_loaders(root, cache, loader, batch_size=batch_size, seed=seed)
+def _loaders(root, cache, loader, batch_size=16, seed=3, deskewed=False):
+    return tiny_loaders(root, cache, loader, batch_size=batch_size, seed=seed, deskewed=deskewed)
 
 
-def test_both_loaders_yield_the_same_batches_every_epoch(tiny_data, tmp_path):
+@pytest.mark.parametrize("deskewed", [False, True])
+def test_both_loaders_yield_the_same_batches_every_epoch(tiny_data, tmp_path, deskewed):
     root, _ = tiny_data
-    fast = _loaders(root, tmp_path / "c", "tensor")
-    slow = _loaders(root, tmp_path / "c", "torchvision")
+    fast = _loaders(root, tmp_path / "c", "tensor", deskewed=deskewed)
+    slow = _loaders(root, tmp_path / "c", "torchvision", deskewed=deskewed)
     assert (fast.n_train, fast.n_val, fast.n_test) == (slow.n_train, slow.n_val, slow.n_test) == (100, 20, 40)
     for _epoch in range(2):  # the order changes between epochs, identically for both
         batches = list(zip(fast.train, slow.train, strict=True))
@@ -150,3 +151,58 @@ def test_next_trial_in_the_same_process_reuses_the_prepared_splits(tiny_data, tm
     monkeypatch.undo()
     other = tiny_loaders(root, tmp_path / "c", "tensor", batch_size=16)  # same settings: still shared
     assert other.val.x is first.val.x
+
+
+def _slant(x: torch.Tensor) -> tuple[float, float, float]:
+    """(centre row, centre column, columns moved per row) of a [28,28] image's ink."""
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    m = x.sum()
+    cy, cx = (x * rows).sum() / m, (x * cols).sum() / m
+    slant = (x * (rows - cy) * (cols - cx)).sum() / (x * (rows - cy) ** 2).sum()
+    return cy.item(), cx.item(), slant.item()
+
+
+def _stroke(top: tuple[int, int], bottom: tuple[int, int]) -> torch.Tensor:
+    """A 2-pixel-wide straight stroke from ``top`` to ``bottom`` (row, column), ink 1 on background 0."""
+    image = torch.zeros(28, 28)
+    (r0, c0), (r1, c1) = top, bottom
+    for r in range(r0, r1 + 1):
+        c = round(c0 + (c1 - c0) * (r - r0) / (r1 - r0))
+        image[r, c : c + 2] = 1.0
+    return image
+
+
+def test_deskew_straightens_and_centres_a_slanted_stroke():
+    slanted = _stroke((4, 20), (23, 6))  # a "/" leaning right, off centre
+    assert _slant(slanted)[2] < -0.5
+    cy, cx, slant = _slant(data.deskew(slanted[None, None])[0, 0])
+    assert abs(slant) < 0.05, slant  # upright
+    assert abs(cy - 13.5) < 0.2 and abs(cx - 13.5) < 0.2, (cy, cx)  # centre of mass at the centre
+    # The other way round, too; the label of the image is not touched (it is the same tensor order).
+    assert abs(_slant(data.deskew(_stroke((4, 6), (23, 20))[None, None])[0, 0])[2]) < 0.05
+
+
+def test_deskew_leaves_an_upright_centred_digit_alone():
+    upright = _stroke((6, 13), (21, 13))  # columns 13-14: centred at 13.5, no slant
+    torch.testing.assert_close(data.deskew(upright[None, None])[0, 0], upright, rtol=0, atol=1e-5)
+    blank = torch.zeros(1, 1, 28, 28)
+    assert torch.equal(data.deskew(blank), blank)  # no ink, nothing to do (and no NaN)
+
+
+def test_deskew_one_image_at_a_time_equals_the_whole_batch():
+    """The torchvision pipeline deskews per sample, the tensor one per split: the same numbers either way."""
+    batch = torch.rand(5, 1, 28, 28) ** 4
+    each = torch.stack([data.deskew(image) for image in batch])  # [1,28,28] each, as ToTensor gives
+    torch.testing.assert_close(each, data.deskew(batch))
+    assert data.deskew(batch[:, 0]).shape == (5, 28, 28)
+
+
+def test_deskew_is_applied_to_every_split(tiny_data, tmp_path):
+    root, _ = tiny_data
+    plain = _loaders(root, tmp_path / "c", "tensor")
+    straight = _loaders(root, tmp_path / "c", "tensor", deskewed=True)
+    for a, b in ((plain.val, straight.val), (plain.test, straight.test)):
+        (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
+        assert torch.equal(ya, yb)
+        expected = (data.deskew(xa * 0.3081 + 0.1307) - 0.1307) / 0.3081
+        torch.testing.assert_close(xb, expected, rtol=0, atol=1e-4)  # up to float round-off

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_loaders
-from mnist_sweep import model, training
+from mnist_sweep import data, model, training
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -42,7 +42,8 @@ def test_mlp_rejects_unknown_names():
         model.MLP(norm="group")
 
 
-def test_checkpoint_roundtrip_gives_the_same_predictions(tmp_path):
+@pytest.mark.parametrize("deskew", [False, True, None])  # None: a checkpoint from before data.deskew existed
+def test_checkpoint_roundtrip_gives_the_same_predictions(tmp_path, deskew):
     net = model.MLP(hidden=16, depth=2)
     ckpt = {
         "model_args": {"hidden": 16, "depth": 2},
@@ -51,10 +52,15 @@ def test_checkpoint_roundtrip_gives_the_same_predictions(tmp_path):
         "classes": list("0123456789"),
         "state_dict": net.state_dict(),
     }
+    if deskew is not None:
+        ckpt["deskew"] = deskew
     torch.save(ckpt, tmp_path / "model.pt")
-    images = torch.rand(3, 1, 28, 28)
-    expected = model.Classifier(net, 0.1307, 0.3081).eval()(images)
+    images = torch.rand(3, 1, 28, 28) ** 4
+    expected = model.Classifier(net, 0.1307, 0.3081, bool(deskew)).eval()(images)
     torch.testing.assert_close(model.load_checkpoint(tmp_path / "model.pt")(images), expected)
+    # The exported model does the training preprocessing itself: deskew (when trained so), then Normalize.
+    seen = data.deskew(images) if deskew else images
+    torch.testing.assert_close(expected, net.eval()((seen - 0.1307) / 0.3081))
 
 
 @pytest.mark.parametrize(

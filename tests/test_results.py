@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 from mnist_sweep import results
 
 
-def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choice="best", input_dropout=0.0):
+def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choice="best", input_dropout=0.0, **more):
     run = client.create_run(exp, tags={"device.name": "AMD EPYC, 2 threads"})
     for k, v in {
         "seed": seed,
@@ -20,6 +20,7 @@ def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choi
         "optimizer.lr": 0.003,
         "trainer.epochs": 5,
         "choice.experiment": experiment_choice,
+        **more,
     }.items():
         client.log_param(run.info.run_id, k, v)
     client.log_metric(run.info.run_id, "test/acc", test_acc)
@@ -32,20 +33,24 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
-    for seed, acc in ((0, 0.990), (1, 0.992), (2, 0.994)):
+    for seed, acc in ((0, 0.990), (1, 0.992)):
         _run(client, exp, seed, 1024, acc)
+    _run(client, exp, 2, 1024, 0.994, **{"data.deskew": False})  # logged after the key existed: same recipe
     _run(client, exp, 0, 128, 0.980, experiment_choice="None")
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
     other = client.create_experiment("f", artifact_location=str(tmp_path / "b"))
     _run(client, other, 0, 2048, 0.985, experiment_choice="best_aug", input_dropout=0.2)
+    augmented = {"data.deskew": True, "data.augment.strength": 0.5}
+    _run(client, other, 0, 2048, 0.97, experiment_choice="best_aug", input_dropout=0.2, **augmented)
     rows = results.collect(uri, "e", "f")
-    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0]]
-    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)"]
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0]]
+    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug"]
     text = results.markdown(rows, "python -m mnist_sweep.results")
-    assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 0.0 | 0,1,2 | 99.20 ± 0.20 |" in text
-    assert "| best_aug | 2 x 2048 relu, input dropout 0.2 |" in text
+    assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
+    assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | as is |" in text
+    assert "| 5 | deskewed, augment 0.5 | 0 | 97.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
-    assert text.count("| AMD EPYC, 2 threads |") == 3  # where each recipe ran
+    assert text.count("| AMD EPYC, 2 threads |") == 4  # where each recipe ran
 
 
 def test_main_writes_the_file(tmp_path):
