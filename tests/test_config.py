@@ -109,7 +109,7 @@ def test_config_hash_ignores_where_things_go_but_not_what_is_computed():
 def test_best_presets_compose_with_their_recipes():
     best = config.check(_compose("experiment=best"))
     assert (best.model.hidden, best.model.depth, best.model.input_dropout, best.model.dropout) == (2048, 2, 0.2, 0.5)
-    assert best.data.augment.strength == 0 and best.trainer.precision == "bf16"
+    assert best.data.augment.strength == 0 and best.trainer.precision == "bf16" and best.data.deskew
     aug = config.check(_compose("experiment=best_aug"))
     assert aug.data.augment.strength > 0 and aug.model.hidden == best.model.hidden  # the same net, distorted data
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
