@@ -142,7 +142,7 @@ def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict
         lines += [
             "",
             f"Reference, the `{a.reference_recipe}` preset in `{a.reference_experiment}` "
-            f"({ref['recipe']}: {ref['model']}, {ref['optimizer']}, {ref['epochs']} epochs, seeds "
+            f"({ref['recipe']}: {ref['model']}, {ref['optimizer']}, {ref['epochs']} epochs, data {ref['data']}, seeds "
             f"{','.join(map(str, ref['seeds']))}): "
             f"val {ref['val_mean'] * 100:.2f}%, test {ref['test_mean'] * 100:.2f}%.",
             "",

@@ -6,6 +6,7 @@ Behaviour only: no test asserts a wall-clock time (timings belong in docs/BENCHM
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -144,6 +145,7 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     rebuilt = again.read_text()
     assert _search_rows(rebuilt) == rows and rebuilt.splitlines()[2] == text.splitlines()[2]  # same rows, command
     assert "Gap of the pruned search's best trial to it" in rebuilt
+    assert re.search(r"epochs, data (as is|deskewed), seeds", rebuilt)  # what the reference trained on
 
 
 def _search_rows(text: str) -> dict[str, list[str]]:

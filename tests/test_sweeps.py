@@ -46,9 +46,13 @@ def _leaderboard(client, parent_id) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def failing_sweep(tmp_path_factory, mnist_root, cache_dir):
-    """Three trials, one of which diverges at once (lr 1e6). Models on (the default): the best gets one."""
+    """Three trials, one of which diverges at once (lr 1e6). Models on (the default): the best gets one.
+
+    The digits are deskewed (data.deskew), so the logged model must deskew raw images itself.
+    """
     workdir = tmp_path_factory.mktemp("failing_sweep")
-    args = ("-m", "optimizer.lr=0.001,1e6,0.003", "model.hidden=16", "trainer.epochs=1", *_data(mnist_root, cache_dir))
+    common = ("model.hidden=16", "trainer.epochs=1", "data.deskew=true", *_data(mnist_root, cache_dir))
+    args = ("-m", "optimizer.lr=0.001,1e6,0.003", *common)
     proc = train_py(*args, cwd=workdir)
     return workdir, args, proc
 
@@ -81,8 +85,19 @@ def test_only_the_best_trial_gets_a_logged_model_when_the_sweep_ends(failing_swe
     assert [t.info.run_id for t in with_model] == [best.info.run_id], proc.stderr[-2000:]
     assert all(client.list_artifacts(t.info.run_id, "checkpoint") for t in finished)  # every trial keeps weights
     images, labels = raw_test_images(mnist_root)
-    scores = mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model").predict(images)
-    assert (np.asarray(scores).argmax(1) == labels).mean() > 0.8
+    scores = np.asarray(mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model").predict(images))
+    assert (scores.argmax(1) == labels).mean() > 0.8
+    # Raw images in: the model does the training preprocessing (deskew, then Normalize) itself.
+    import torch
+
+    from mnist_sweep import data, model
+
+    ckpt = torch.load(client.download_artifacts(best.info.run_id, "checkpoint/model.pt"), weights_only=True)
+    assert ckpt["deskew"] is True
+    net = model.MLP(**ckpt["model_args"])
+    net.load_state_dict(ckpt["state_dict"])
+    x = (data.deskew(torch.from_numpy(images)) - ckpt["mean"]) / ckpt["std"]
+    np.testing.assert_allclose(scores, net.eval()(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_diverging_trial_fails_alone_and_the_command_exits_non_zero_after_all(failing_sweep):
@@ -138,8 +153,8 @@ def test_relaunch_runs_only_what_did_not_finish(failing_sweep, mnist_root, cache
     rows = _leaderboard(client, newest.info.run_id)
     assert sorted(r["note"] for r in rows if r["status"] == "FINISHED") == ["reused: finished before"] * 2
     assert {r["run_id"] for r in rows if r["status"] == "FINISHED"} == {t.info.run_id for t in finished}
-    # sweep.rerun=true trains a finished config again.
-    proc = train_py("-m", "optimizer.lr=0.001", "model.hidden=16", "sweep.rerun=true", *args[4:], cwd=workdir)
+    # sweep.rerun=true trains a finished config again (the very same config: args[2:] is everything but the lr).
+    proc = train_py("-m", "optimizer.lr=0.001", "sweep.rerun=true", *args[2:], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped" not in proc.stdout
     _, _, trials = _store(workdir)
