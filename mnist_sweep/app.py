@@ -150,8 +150,9 @@ def run(cfg: DictConfig) -> float:
     loaders = make_loaders(settings, device, order)
     data_seconds = time.perf_counter() - t0
     log.info(
-        "data: %s via %s loader, %d train / %d val / %d test images, batch %d, on %s (%.2f s)",
+        "data: %s%s via %s loader, %d train / %d val / %d test images, batch %d, on %s (%.2f s)",
         d.name,
+        ", deskewed," if d.deskew else "",
         d.loader,
         loaders.n_train,
         loaders.n_val,

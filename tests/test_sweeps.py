@@ -87,6 +87,7 @@ def test_only_the_best_trial_gets_a_logged_model_when_the_sweep_ends(failing_swe
     images, labels = raw_test_images(mnist_root)
     scores = np.asarray(mlflow.pyfunc.load_model(f"runs:/{best.info.run_id}/model").predict(images))
     assert (scores.argmax(1) == labels).mean() > 0.8
+    assert "data: mnist, deskewed, via tensor loader" in proc.stdout + proc.stderr  # the progress output says so
     # Raw images in: the model does the training preprocessing (deskew, then Normalize) itself.
     import torch
 
