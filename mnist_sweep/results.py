@@ -1,16 +1,23 @@
 """Regenerate docs/RESULTS.md from the MLflow store: accuracy per recipe, mean ± std over seeds.
 
     python -m mnist_sweep.results                     # reads sqlite:///mlruns/mlflow.db, writes docs/RESULTS.md
-    python -m mnist_sweep.results --experiment NAME --tracking-uri URI --out FILE
+    python -m mnist_sweep.results --experiment NAME --tracking-uri URI --out FILE --runs FILE
 
 Runs are grouped by their whole config except ``seed`` (so 3 seeds of one recipe make one row). Only
 FINISHED runs that scored the test set are counted. The table says what each number is: the test accuracy
 was never used to choose anything (selection happens on val/acc), so it is reported, not tuned.
+
+The MLflow store is a local, git-ignored file, and a fresh clone has none: runs that took hours would vanish
+with the checkout that made them. So every run the table counts is also written to a JSON file beside it
+(``--runs``, default docs/RESULTS.runs.json: run id, experiment, params, the metrics the table uses, device),
+and the next regeneration reads that file back as well as the store (the store wins for a run id in both).
+A section of the output file headed "## Earlier runs" (hand-written notes on runs no file holds) is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -51,19 +58,55 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def collect(tracking_uri: str, *experiments: str) -> list[dict]:
-    """One row per recipe, best mean test accuracy first."""
+KEPT = "## Earlier runs"
+METRICS = ("test/acc", "best_val/acc", "val/acc", "train_time_s")
+
+
+def store_runs(tracking_uri: str, *experiments: str) -> list[dict]:
+    """The FINISHED runs with a test score in these experiments, as plain records (what RESULTS.runs.json holds)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in map(client.get_experiment_by_name, experiments) if e is not None]
-    if not ids:
+    found = [e for e in map(client.get_experiment_by_name, experiments) if e is not None]
+    if not found:
         return []
-    runs = client.search_runs(ids, "attributes.status = 'FINISHED'", max_results=50000)
+    names = {e.experiment_id: e.name for e in found}
+    runs = client.search_runs(list(names), "attributes.status = 'FINISHED'", max_results=50000)
+    return [
+        {
+            "run_id": run.info.run_id,
+            "experiment": names[run.info.experiment_id],
+            "params": dict(run.data.params),
+            "metrics": {k: run.data.metrics[k] for k in METRICS if k in run.data.metrics},
+            "device": _device(run.data.tags),
+        }
+        for run in runs
+        if "test/acc" in run.data.metrics
+    ]
+
+
+def load_runs(path: Path) -> list[dict]:
+    """Records saved by an earlier regeneration (none if the file is missing)."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def merge(saved: list[dict], fresh: list[dict]) -> list[dict]:
+    """Saved records plus the store's, one per run id (the store's copy wins), in a stable order."""
+    by_id = {r["run_id"]: r for r in saved} | {r["run_id"]: r for r in fresh}
+    return sorted(by_id.values(), key=lambda r: (r["experiment"], r["run_id"]))
+
+
+def collect(tracking_uri: str, *experiments: str, saved: list[dict] = ()) -> list[dict]:
+    """One row per recipe, best mean test accuracy first, from the store's runs plus ``saved`` records."""
+    return rows_from(
+        [r for r in merge(list(saved), store_runs(tracking_uri, *experiments)) if r["experiment"] in experiments]
+    )
+
+
+def rows_from(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list] = defaultdict(list)
-    for run in runs:
-        if "test/acc" in run.data.metrics:
-            groups[_recipe_key(run.data.params)].append(run)
+    for run in records:
+        groups[_recipe_key(run["params"])].append(run)
     rows = []
     for key, members in groups.items():
         params = dict(key)
@@ -78,17 +121,15 @@ def collect(tracking_uri: str, *experiments: str) -> list[dict]:
                     for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout"))
                     if params.get(key) not in (None, "0.0")
                 ),
-                "device": ", ".join(sorted({_device(r.data.tags) for r in members})),
+                "device": ", ".join(sorted({r["device"] for r in members})),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),
                 "data": _data(params),
-                "seeds": sorted(int(r.data.params.get("seed", 0)) for r in members),
-                "test": [r.data.metrics["test/acc"] for r in members],
-                "val": [
-                    r.data.metrics.get("best_val/acc", r.data.metrics.get("val/acc", float("nan"))) for r in members
-                ],
-                "train_s": [r.data.metrics.get("train_time_s", float("nan")) for r in members],
-                "runs": [r.info.run_id for r in members],
+                "seeds": sorted(int(r["params"].get("seed", 0)) for r in members),
+                "test": [r["metrics"]["test/acc"] for r in members],
+                "val": [r["metrics"].get("best_val/acc", r["metrics"].get("val/acc", float("nan"))) for r in members],
+                "train_s": [r["metrics"].get("train_time_s", float("nan")) for r in members],
+                "runs": [r["run_id"] for r in members],
             }
         )
     rows.sort(key=lambda r: statistics.fmean(r["test"]), reverse=True)
@@ -125,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     parser.add_argument("--experiment", action="append", help="repeat for several (default: mnist-sweep)")
     parser.add_argument("--out", default="docs/RESULTS.md")
+    parser.add_argument("--runs", default="docs/RESULTS.runs.json", help="runs kept from earlier stores ('' for none)")
     parser.add_argument("--how", default="", help="a line saying which commands made the runs (kept in the file)")
     args = parser.parse_args(argv)
     command = "python -m mnist_sweep.results" + "".join(
@@ -133,10 +175,21 @@ def main(argv: list[str] | None = None) -> None:
         if v != parser.get_default(k) and k != "how"
         for item in (v if isinstance(v, list) else [v])
     )
-    rows = collect(args.tracking_uri, *(args.experiment or ["mnist-sweep"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(markdown(rows, command, args.how))
-    print(f"{len(rows)} recipes written to {args.out}")
+    experiments = args.experiment or ["mnist-sweep"]
+    saved = load_runs(Path(args.runs)) if args.runs else []
+    records = merge(saved, store_runs(args.tracking_uri, *experiments))
+    rows = rows_from([r for r in records if r["experiment"] in experiments])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.read_text() if out.is_file() else ""
+    out.write_text(markdown(rows, command, args.how) + (f"\n{old[old.index(KEPT) :]}" if KEPT in old else ""))
+    if args.runs:
+        Path(args.runs).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    kept = len(records) - len(saved)
+    print(
+        f"{len(rows)} recipes written to {args.out}"
+        + (f"; {args.runs} holds {len(records)} runs (+{kept})" if args.runs else "")
+    )
 
 
 if __name__ == "__main__":

@@ -55,5 +55,47 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
 
 def test_main_writes_the_file(tmp_path):
     out = tmp_path / "RESULTS.md"
-    results.main(["--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--experiment", "nothing", "--out", str(out)])
-    assert "no finished runs" in out.read_text()
+    runs = tmp_path / "runs.json"
+    results.main(
+        [
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/empty.db",
+            "--experiment",
+            "nothing",
+            "--out",
+            str(out),
+            "--runs",
+            str(runs),
+        ]
+    )
+    assert "no finished runs" in out.read_text() and results.load_runs(runs) == []
+
+
+def test_runs_outlive_their_store_through_the_runs_file(tmp_path):
+    """A fresh clone has no MLflow store: the runs file brings back what earlier regenerations counted."""
+    out, runs = tmp_path / "RESULTS.md", tmp_path / "RESULTS.runs.json"
+    first = f"sqlite:///{tmp_path}/first.db"
+    client = MlflowClient(first)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    _run(client, exp, 0, 1024, 0.990)
+    other = client.create_experiment("other", artifact_location=str(tmp_path / "b"))
+    _run(client, other, 0, 64, 0.95, experiment_choice="None")
+    results.main(
+        ["--tracking-uri", first, "--experiment", "e", "--experiment", "other", "--out", str(out), "--runs", str(runs)]
+    )
+    out.write_text(out.read_text() + "\n## Earlier runs\n\nnotes on runs no file holds\n")
+
+    # a new store (the old one is gone) with seed 1 of the same recipe; only experiment "e" is asked for
+    second = f"sqlite:///{tmp_path}/second.db"
+    client = MlflowClient(second)
+    _run(client, client.create_experiment("e", artifact_location=str(tmp_path / "c")), 1, 1024, 0.994)
+    results.main(["--tracking-uri", second, "--experiment", "e", "--out", str(out), "--runs", str(runs)])
+    text = out.read_text()
+    assert "| 0,1 | 99.20 ± 0.28 |" in text  # seed 0 from the file, seed 1 from the store: one row
+    assert "2 x 64" not in text  # the other experiment's run is not in this table...
+    assert len(results.load_runs(runs)) == 3  # ...but stays in the file
+    assert text.count("## Earlier runs") == 1 and text.endswith("notes on runs no file holds\n")
+
+    # without the file, only the store counts
+    results.main(["--tracking-uri", second, "--experiment", "e", "--out", str(out), "--runs", ""])
+    assert "| 1 | 99.40 |" in out.read_text()
