@@ -141,6 +141,9 @@ def run(cfg: DictConfig) -> float:
             device = torch.device(sweep.trial_device("cuda", trial.num, n_parallel, torch.cuda.device_count()))
     if threads:
         torch.set_num_threads(threads)
+    # Optimizer state that decays towards zero passes through the subnormal floats, where the CPU slows down
+    # many times over: the best preset's epochs took twice as long by epoch 25 without this (docs/BENCHMARKS.md).
+    torch.set_flush_denormal(settings.device.flush_denormal)
 
     # 2. The raw material and the conveyor belts (data.py). Seeded: same seed + config => same run.
     torch.manual_seed(settings.seed)
