@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_loaders
-from mnist_sweep import bench, bench_search, model, training
+from mnist_sweep import bench, bench_denormal, bench_search, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -146,6 +146,19 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     assert _search_rows(rebuilt) == rows and rebuilt.splitlines()[2] == text.splitlines()[2]  # same rows, command
     assert "Gap of the pruned search's best trial to it" in rebuilt
     assert re.search(r"epochs, data (as is|deskewed), seeds", rebuilt)  # what the reference trained on
+
+
+@pytest.mark.e2e
+def test_bench_denormal_times_both_runs_side_by_side(tmp_path, mnist_root, cache_dir):
+    out = tmp_path / "BENCHMARKS-denormal.md"
+    args = ["--data-root", str(mnist_root), "--preset", "speedrun", "--schedule-epochs", "3", "--epochs", "2"]
+    args += ["--block", "1", "--override", f"data.cache_dir={cache_dir}", "--override", "model.hidden=32"]
+    assert bench_denormal.main([*args, "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| 1-1 ", "| 2-2 ", "| all 2 "))]
+    assert len(rows) == 3 and all(float(ln.split("|")[4]) > 0 for ln in rows)  # a ratio for each block
+    assert "device.flush_denormal" in text and "python -m mnist_sweep.bench_denormal --data-root" in text
+    assert "identical in" in text
 
 
 def _search_rows(text: str) -> dict[str, list[str]]:
