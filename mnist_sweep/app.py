@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> float:
     if threads:
         torch.set_num_threads(threads)
     # Optimizer state that decays towards zero passes through the subnormal floats, where the CPU slows down
-    # many times over: the best preset's epochs took twice as long by epoch 25 without this (docs/BENCHMARKS.md).
+    # many times over: without this the best preset's epochs 26-30 took 2.2x as long (docs/BENCHMARKS-denormal.md).
     torch.set_flush_denormal(settings.device.flush_denormal)
 
     # 2. The raw material and the conveyor belts (data.py). Seeded: same seed + config => same run.

@@ -212,7 +212,7 @@ class DeviceConfig:
     type: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default (one per core)
     # Treat subnormal floats (< 1.2e-38) as zero on the CPU. Optimizer state of weights that get almost no
-    # gradient decays into that range, where every operation on it is many times slower (docs/BENCHMARKS.md).
+    # gradient decays into that range, where every operation on it is many times slower (docs/BENCHMARKS-denormal.md).
     flush_denormal: bool = True
 
     def __post_init__(self) -> None:
