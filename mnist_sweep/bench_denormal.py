@@ -93,9 +93,8 @@ def markdown(a, command: str, seen, wall: float) -> str:
         "| epochs | s/epoch, flush off | s/epoch, flush on | off / on |",
         "| --- | --- | --- | --- |",
     ]
-    block = a.block
-    for lo in range(1, a.epochs + 1, block):
-        hi = min(lo + block - 1, a.epochs)
+    for lo in range(1, a.epochs + 1, a.block):
+        hi = min(lo + a.block - 1, a.epochs)
         off = statistics.fmean(seen[False][e][0] for e in range(lo, hi + 1))
         on = statistics.fmean(seen[True][e][0] for e in range(lo, hi + 1))
         lines.append(f"| {lo}-{hi} | {off:.2f} | {on:.2f} | {off / on:.2f} |")

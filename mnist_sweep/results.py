@@ -96,14 +96,13 @@ def merge(saved: list[dict], fresh: list[dict]) -> list[dict]:
     return sorted(by_id.values(), key=lambda r: (r["experiment"], r["run_id"]))
 
 
-def collect(tracking_uri: str, *experiments: str, saved: list[dict] = ()) -> list[dict]:
-    """One row per recipe, best mean test accuracy first, from the store's runs plus ``saved`` records."""
-    return rows_from(
-        [r for r in merge(list(saved), store_runs(tracking_uri, *experiments)) if r["experiment"] in experiments]
-    )
+def collect(tracking_uri: str, *experiments: str) -> list[dict]:
+    """One row per recipe in the store's runs of these experiments, best mean test accuracy first."""
+    return rows_from(store_runs(tracking_uri, *experiments))
 
 
 def rows_from(records: list[dict]) -> list[dict]:
+    """One row per recipe (its seeds grouped), best mean test accuracy first."""
     groups: dict[tuple, list] = defaultdict(list)
     for run in records:
         groups[_recipe_key(run["params"])].append(run)
@@ -185,10 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(markdown(rows, command, args.how) + (f"\n{old[old.index(KEPT) :]}" if KEPT in old else ""))
     if args.runs:
         Path(args.runs).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-    kept = len(records) - len(saved)
+    added = len(records) - len(saved)
     print(
         f"{len(rows)} recipes written to {args.out}"
-        + (f"; {args.runs} holds {len(records)} runs (+{kept})" if args.runs else "")
+        + (f"; {args.runs} holds {len(records)} runs (+{added})" if args.runs else "")
     )
 
 
