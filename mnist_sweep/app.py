@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> float:
     # 3. The student (model.py) and how it learns (an optimizer from conf/optimizer/, a schedule).
     m = settings.model
     model_args = make_model_args(settings, len(loaders.classes))
-    net = model.MLP(**model_args).to(device)
+    net = model.build(**model_args).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
 
     tags = {
@@ -317,8 +317,8 @@ def make_loaders(settings, device, order):
 
 
 def make_model_args(settings, num_classes: int) -> dict:
-    """The plain arguments of model.MLP (saved beside the weights, so a checkpoint can be rebuilt)."""
-    keys = ("hidden", "depth", "activation", "dropout", "norm", "input_dropout")
+    """The plain arguments of model.build (saved beside the weights, so a checkpoint can be rebuilt)."""
+    keys = ("hidden", "depth", "activation", "dropout", "norm", "input_dropout", "members")
     return {**{k: getattr(settings.model, k) for k in keys}, "num_classes": num_classes}
 
 
@@ -406,7 +406,8 @@ def _augmenter(a):
 def _describe(m) -> str:
     shown = (("input dropout", m.input_dropout), ("dropout", m.dropout), ("norm", m.norm))
     extra = "".join(f", {k} {v}" for k, v in shown if v not in (0, 0.0, "none"))
-    return f"{m.depth} x {m.hidden} {m.activation}{extra}"
+    members = f"{m.members} nets of " if m.members > 1 else ""
+    return f"{members}{m.depth} x {m.hidden} {m.activation}{extra}"
 
 
 def _absolute(path: str) -> str:

@@ -185,7 +185,7 @@ def project_trial(
     order = torch.Generator().manual_seed(s.seed)
     loaders = app.make_loaders(s, device, order)
     train_loader = _limit(loaders.train, limit, order)
-    net = model.MLP(**app.make_model_args(s, len(loaders.classes))).to(device)
+    net = model.build(**app.make_model_args(s, len(loaders.classes))).to(device)
     from hydra.utils import instantiate
 
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())

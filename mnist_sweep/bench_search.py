@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,37 +54,59 @@ def _search_command(a, workdir: Path, pruner: str) -> list[str]:
     return cmd + list(a.override)
 
 
-def run_searches(a, workdir: Path) -> dict[str, float]:
-    """Both searches at once; returns each one's wall time."""
+def run_searches(a, workdir: Path) -> None:
+    """Both searches at once (their times are read back from the studies).
+
+    A search whose trials are all done exits 1 when some of them failed (a trial whose learning rate made it
+    diverge): that is an outcome of the search, counted in the report, not a failed benchmark. Each search
+    runs to its end whatever the other does.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs, started, walls = {}, {}, {}
+    procs = {}
     for pruner in (a.pruner, "none"):
-        log = open(workdir / f"search-{pruner}.log", "w")  # noqa: SIM115 (closed with the process)
+        log = open(workdir / f"search-{pruner}.log", "a")  # noqa: SIM115 (closed with the process); a resumed search adds to it
         procs[pruner] = (
             subprocess.Popen(
                 _search_command(a, workdir, pruner), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
             ),
             log,
         )
-        started[pruner] = time.perf_counter()
+    codes = {}
     for pruner, (proc, log) in procs.items():
-        rc = proc.wait()
-        walls[pruner] = time.perf_counter() - started[pruner]
+        codes[pruner] = proc.wait()
         log.close()
-        if rc != 0:
+    for pruner, rc in codes.items():
+        if rc != 0 and _unfinished(workdir, pruner, a.trials):
             tail = (workdir / f"search-{pruner}.log").read_text()[-3000:]
             raise SystemExit(f"the {pruner} search failed (exit {rc}):\n{tail}")
-    return walls
+
+
+def _load_study(workdir: Path, pruner: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=f"bench-{pruner}", storage=f"sqlite:///{workdir}/optuna.db")
+
+
+def _unfinished(workdir: Path, pruner: str, trials: int) -> bool:
+    """True when the study did not get all its trials done (COMPLETE, PRUNED or FAIL), or does not exist."""
+    try:
+        study = _load_study(workdir, pruner)
+    except Exception:  # no study at all: the search died before its first trial
+        return True
+    return sum(t.state.is_finished() for t in study.trials) < trials
 
 
 def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
     import optuna
     from mlflow import MlflowClient
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=f"bench-{pruner}", storage=f"sqlite:///{workdir}/optuna.db")
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    trials = [t for t in study.trials if t.state in states]
+    study = _load_study(workdir, pruner)
+    state = optuna.trial.TrialState
+    trials = [t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)]
+    spans = [
+        (t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in study.trials if t.datetime_complete
+    ]
     best = study.best_trial
     # The sweeper runs the chosen config once more with the test set: the only test score of the search.
     client = MlflowClient(tracking_uri)
@@ -93,12 +114,28 @@ def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
     tested = [r for r in client.search_runs([exp.experiment_id]) if "test/acc" in r.data.metrics] if exp else []
     return {
         "trials": len(trials),
-        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+        "pruned": sum(t.state == state.PRUNED for t in trials),
+        "failed": sum(t.state == state.FAIL and not t.user_attrs.get("interrupted") for t in study.trials),
+        "interrupted": sum(bool(t.user_attrs.get("interrupted")) for t in study.trials),
+        "unfinished": sum(not t.state.is_finished() for t in study.trials),
         "epochs": sum(len(t.intermediate_values) for t in trials),
+        # Time inside the trials, summed (with several trials at a time it exceeds the wall time), and the wall
+        # time during which any trial ran: a resumed search's pause between launches is not counted.
+        "trial_s": sum(end - start for start, end in spans),
+        "wall_s": _covered(spans),
         "best_val": best.value,
         "best_params": best.params,
         "test": tested[0].data.metrics["test/acc"] if tested else float("nan"),
     }
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the time intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
@@ -112,7 +149,7 @@ def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
     return {**best, "val_mean": statistics.fmean(best["val"]), "test_mean": statistics.fmean(best["test"])}
 
 
-def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict], ref: dict | None) -> str:
+def markdown(a, command: str, summaries: dict[str, dict], ref: dict | None) -> str:
     from mnist_sweep.bench_sweeps import _machine, _versions
 
     pruned, full = summaries[a.pruner], summaries["none"]
@@ -127,15 +164,32 @@ def markdown(a, command: str, walls: dict[str, float], summaries: dict[str, dict
         f"Both searches: `experiment=search`, {a.trials} trials of at most {a.epochs} epochs, TPE seed 0, "
         f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
         "",
-        "| search | trials | pruned | epochs spent | best val acc % | its test acc % | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| search | trials | pruned | failed | epochs spent | best val acc % | its test acc % "
+        "| trial time s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in ((f"{a.pruner} pruner", pruned), ("no pruning", full)):
         key = a.pruner if s is pruned else "none"
         lines.append(
-            f"| {name} | {s['trials']} | {s['pruned']} | {s['epochs']} | {100 * s['best_val']:.2f} | "
-            f"{100 * s['test']:.2f} | {walls.get(key, float('nan')):.0f} |"
+            f"| {name} | {s['trials']} | {s['pruned']} | {s['failed']} | {s['epochs']} | {100 * s['best_val']:.2f} | "
+            f"{100 * s['test']:.2f} | {s['trial_s']:.0f} | {s['wall_s']:.0f} |"
         )
+    lines += [
+        "",
+        "Failed trials diverged (their learning rate was too high) in their first epoch and count no epochs. "
+        "Trial time is the time inside the trials, summed; wall is the time during which any of its trials ran "
+        "(from the study's timestamps, so a pause between an interrupted launch and its resumption is left out).",
+    ]
+    interrupted = {k: s["interrupted"] for k, s in summaries.items() if s["interrupted"]}
+    if interrupted:
+        lines += [
+            "",
+            f"Interrupted and resumed: {interrupted} trial(s) were running when a launch stopped; relaunching the "
+            "same command ran them again from the start (their partial epochs are not counted).",
+        ]
+    unfinished = {k: s["unfinished"] for k, s in summaries.items() if s["unfinished"]}
+    if unfinished:
+        lines += ["", f"**Not finished**: trials still RUNNING or waiting in {unfinished}; the counts are partial."]
     lines += ["", f"**Pruning saved {100 * saved:.0f}% of the epochs** (target ≥ 40%)."]
     if ref:
         gaps = {k: 100 * (ref["val_mean"] - s["best_val"]) for k, s in summaries.items()}
@@ -186,17 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     a.tracking_uri = a.tracking_uri or f"sqlite:///{workdir}/mlflow.db"
     command = " ".join(["python -m mnist_sweep.bench_search", *(sys.argv[1:] if argv is None else argv)])
 
-    record = workdir / "searches.json"  # what ran and how long: --report-only reports it
+    record = workdir / "searches.json"  # the command that ran: --report-only reports it
     if a.report_only:
-        saved = json.loads(record.read_text()) if record.exists() else {}
-        walls, command = saved.get("walls", {}), saved.get("command", command)
+        command = json.loads(record.read_text())["command"] if record.exists() else command
     else:
-        walls = run_searches(a, workdir)
-        record.write_text(json.dumps({"walls": walls, "command": command}))
+        record.write_text(json.dumps({"command": command}))
+        run_searches(a, workdir)
     summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in (a.pruner, "none")}
     ref_uri = a.reference_uri or a.tracking_uri
     ref = reference(ref_uri, a.reference_experiment, a.reference_recipe) if a.reference_experiment else None
-    text = markdown(a, command, walls, summaries, ref)
+    text = markdown(a, command, summaries, ref)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print(text)

@@ -34,6 +34,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout after each hidden activation
     norm: str = "none"  # none | batch | layer
     input_dropout: float = 0.0  # dropout on the pixels, before the first layer
+    members: int = 1  # nets trained side by side from different starts, their predictions averaged (model.py)
 
     def __post_init__(self) -> None:
         from mnist_sweep.model import ACTIVATIONS, NORMS
@@ -55,6 +56,7 @@ class ModelConfig:
             "must be in [0, 1)",
             "model.input_dropout=0.2",
         )
+        _require(self.members >= 1, "model.members", self.members, "must be 1 or more", "model.members=2")
         _require(self.norm in NORMS, "model.norm", self.norm, f"choose one of {', '.join(NORMS)}", "model.norm=layer")
 
 

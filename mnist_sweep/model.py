@@ -3,6 +3,8 @@
 It takes plain arguments, never the whole config, so it can be built and tested on its own:
 
     MLP(hidden=256, depth=2)  ->  Flatten -> [Linear(784, 256) -> ReLU] x 2 -> Linear(256, 10)
+
+``build(members=N, ...)`` gives N such nets trained side by side, their predictions averaged (``Ensemble``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,34 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class Ensemble(nn.Module):
+    """``members`` MLPs of the same shape, each from its own random start, whose votes are averaged.
+
+    Still one feedforward network - the members side by side are a single MLP whose layers are
+    block-diagonal - but its members learn on their own: in training it returns every member's scores,
+    ``[members, N, classes]``, and ``training.fit`` gives each member its own loss. In evaluation it returns
+    the log of the members' mean class probabilities, ``[N, classes]``, so argmax and cross-entropy work
+    on it as on one net's scores. Members err on different digits, so the average errs less often.
+    """
+
+    def __init__(self, members: int, **mlp_args):
+        super().__init__()
+        if members < 2:
+            raise ValueError(f"an ensemble needs 2 or more members, not {members}; use MLP for one")
+        self.members = nn.ModuleList(MLP(**mlp_args) for _ in range(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.stack([m(x) for m in self.members])
+        if self.training:
+            return scores
+        return scores.float().log_softmax(-1).logsumexp(0) - math.log(len(self.members))
+
+
+def build(members: int = 1, **mlp_args) -> nn.Module:
+    """One MLP, or an Ensemble of ``members`` of them (the arguments saved beside the weights rebuild either)."""
+    return MLP(**mlp_args) if members == 1 else Ensemble(members, **mlp_args)
+
+
 class Classifier(nn.Module):
     """What gets exported: raw images in, class scores out.
 
@@ -101,6 +131,6 @@ def load_checkpoint(path) -> Classifier:
 
 def classifier_from(ckpt: dict) -> Classifier:
     """The classifier of a checkpoint already read with ``torch.load``."""
-    net = MLP(**ckpt["model_args"])
+    net = build(**ckpt["model_args"])
     net.load_state_dict(ckpt["state_dict"])
     return Classifier(net, ckpt["mean"], ckpt["std"], ckpt.get("deskew", False)).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
 # Keys added to the config after some runs were logged, with the value those runs had without saying so.
-ADDED_LATER = {"data.deskew": "False"}
+ADDED_LATER = {"data.deskew": "False", "model.members": "1"}
 
 
 def _recipe_key(params: dict[str, str]) -> tuple:
@@ -114,7 +114,8 @@ def rows_from(records: list[dict]) -> list[dict]:
                 "recipe": params.get("choice.experiment")
                 if params.get("choice.experiment") not in (None, "None")
                 else "(none)",
-                "model": f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"
+                "model": (f"{params['model.members']} nets of " if params.get("model.members", "1") != "1" else "")
+                + f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"
                 + "".join(
                     f", {label} {params[key]}"
                     for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout"))

@@ -281,6 +281,7 @@ class OptunaSweeperImpl:
         import optuna
 
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # failed by no fault of its own
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             study.enqueue_trial(t.params)
             log.info("trial #%d was interrupted: queued again", t.number)

@@ -244,7 +244,12 @@ def fit(
                 x = augment(x)  # a fresh distortion of every training batch, drawn on the device
             with autocast(device, precision):  # bf16: matmuls in bfloat16, weights and loss stay fp32
                 logits = model(x)
-                loss = loss_fn(logits.float(), y)
+                members = len(logits) if logits.dim() == 3 else 1  # an ensemble gives [members, N, classes]
+                if members > 1:  # the members' mean loss; each member learns from its own
+                    loss = loss_fn(logits.float().flatten(0, 1), y.repeat(members))
+                    logits = logits.float().softmax(-1).mean(0)  # their vote, for the training accuracy
+                else:
+                    loss = loss_fn(logits.float(), y)
             worst = torch.maximum(worst, loss.detach())
             if step % check_every == 0 or step == n_steps:  # the host looks (on a GPU: waits for it)
                 if not worst <= limit:  # `not <=` catches NaN too
@@ -254,7 +259,7 @@ def fit(
                     )
                 worst = torch.zeros((), device=device)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * members).backward()  # each member's gradient as if it trained alone
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()

@@ -134,9 +134,11 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     assert bench_search.main([*args, "--out", str(out)]) == 0
     text = out.read_text()
     rows = _search_rows(text)
-    trials, pruned, epochs = (int(rows["no pruning"][i]) for i in range(3))
-    assert (trials, pruned, epochs) == (3, 0, 6)  # no pruning: every trial runs every epoch
-    assert int(rows["median pruner"][0]) == 3 and int(rows["median pruner"][2]) <= 6
+    trials, pruned, failed, epochs = (int(rows["no pruning"][i]) for i in range(4))
+    assert (trials, pruned, failed, epochs) == (3, 0, 0, 6)  # no pruning: every trial runs every epoch
+    assert int(rows["median pruner"][0]) == 3 and int(rows["median pruner"][3]) <= 6
+    trial_s, wall_s = (float(rows["no pruning"][i]) for i in (6, 7))
+    assert 0 < wall_s <= trial_s + 1  # one trial at a time: the wall time is the trials' (rounded)
     assert "Pruning saved" in text and "python -m mnist_sweep.bench_search --data-root" in text
     # The report can be rebuilt from the stores, against a reference recipe (here: the unpruned search's own).
     reference = ["--reference-experiment", "bench-search-none", "--reference-recipe", "search"]

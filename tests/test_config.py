@@ -81,6 +81,7 @@ def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
         ("trainer.precision=fp8", "trainer.precision"),
         ("device.type=tpu", "device"),
         ("model.input_dropout=1", "model.input_dropout"),
+        ("model.members=0", "model.members=0"),
         ("mlflow.sweep_models=some", "mlflow.sweep_models"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -61,6 +62,49 @@ def test_checkpoint_roundtrip_gives_the_same_predictions(tmp_path, deskew):
     # The exported model does the training preprocessing itself: deskew (when trained so), then Normalize.
     seen = data.deskew(images) if deskew else images
     torch.testing.assert_close(expected, net.eval()((seen - 0.1307) / 0.3081))
+
+
+def test_ensemble_returns_each_member_in_training_and_their_mean_vote_in_evaluation():
+    torch.manual_seed(0)
+    assert type(model.build(hidden=16, depth=1)) is model.MLP  # one member: the plain net, its keys unchanged
+    ens = model.build(members=3, hidden=16, depth=1)
+    assert isinstance(ens, model.Ensemble) and len(ens.members) == 3
+    x = torch.randn(5, 1, 28, 28)
+    scores = ens.train()(x)
+    assert scores.shape == (3, 5, 10)
+    assert not torch.equal(scores[0], scores[1])  # each member starts from its own random weights
+    mean_probs = torch.stack([m(x).softmax(-1) for m in ens.members]).mean(0)
+    voted = ens.eval()(x)
+    assert voted.shape == (5, 10)
+    torch.testing.assert_close(voted.exp(), mean_probs)
+    with pytest.raises(ValueError, match="2 or more"):
+        model.Ensemble(1, hidden=16)
+
+
+def test_ensemble_members_learn_as_if_each_trained_alone(tiny_data, tmp_path):
+    """One SGD step of a 2-net ensemble moves each member exactly as that net's own step would."""
+    loaders = tiny_loaders(tiny_data[0], tmp_path, batch_size=100)  # all 80 training images: one step
+    assert len(loaders.train) == 1
+    torch.manual_seed(0)
+    ens = model.build(members=2, hidden=16, depth=1)
+    alone = [copy.deepcopy(m) for m in ens.members]
+    sgd = dict(lr=0.1, momentum=0.0)
+    fit = dict(epochs=1, device=torch.device("cpu"), label_smoothing=0.1)
+    training.fit(ens, loaders.train, loaders.val, torch.optim.SGD(ens.parameters(), **sgd), **fit)
+    for net in alone:
+        training.fit(net, loaders.train, loaders.val, torch.optim.SGD(net.parameters(), **sgd), **fit)
+    for member, net in zip(ens.members, alone, strict=True):
+        for a, b in zip(member.parameters(), net.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_ensemble_checkpoint_roundtrip(tmp_path):
+    ens = model.build(members=2, hidden=16, depth=1)
+    ckpt = {"model_args": {"hidden": 16, "depth": 1, "members": 2}, "mean": 0.1307, "std": 0.3081}
+    torch.save({**ckpt, "state_dict": ens.state_dict()}, tmp_path / "model.pt")
+    images = torch.rand(3, 1, 28, 28)
+    expected = model.Classifier(ens, 0.1307, 0.3081).eval()(images)
+    torch.testing.assert_close(model.load_checkpoint(tmp_path / "model.pt")(images), expected)
 
 
 @pytest.mark.parametrize(
