@@ -89,12 +89,14 @@ def _load_study(workdir: Path, pruner: str):
 
 
 def _unfinished(workdir: Path, pruner: str, trials: int) -> bool:
-    """True when the study did not get all its trials done (COMPLETE, PRUNED or FAIL), or does not exist."""
+    """True when the study does not exist, has a trial still running (its launch was killed) or fewer than
+    ``trials`` finished ones (COMPLETE, PRUNED or FAIL)."""
     try:
         study = _load_study(workdir, pruner)
     except Exception:  # no study at all: the search died before its first trial
         return True
-    return sum(t.state.is_finished() for t in study.trials) < trials
+    finished = [t.state.is_finished() for t in study.trials]
+    return not all(finished) or sum(finished) < trials
 
 
 def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
@@ -104,9 +106,9 @@ def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
     study = _load_study(workdir, pruner)
     state = optuna.trial.TrialState
     trials = [t for t in study.trials if t.state in (state.COMPLETE, state.PRUNED)]
-    spans = [
-        (t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in study.trials if t.datetime_complete
-    ]
+    # An interrupted trial's end is when the next launch marked it failed: its span would cover the pause.
+    timed = [t for t in study.trials if t.datetime_complete and not t.user_attrs.get("interrupted")]
+    spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in timed]
     best = study.best_trial
     # The sweeper runs the chosen config once more with the test set: the only test score of the search.
     client = MlflowClient(tracking_uri)
@@ -129,6 +131,10 @@ def study_summary(workdir: Path, pruner: str, tracking_uri: str) -> dict:
     }
 
 
+def _label(a, key: str) -> str:
+    return "no pruning" if key == "none" else f"{a.pruner} pruner"
+
+
 def _covered(spans: list[tuple[float, float]]) -> float:
     """The length of the union of the time intervals."""
     total, reach = 0.0, float("-inf")
@@ -149,17 +155,15 @@ def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
     return {**best, "val_mean": statistics.fmean(best["val"]), "test_mean": statistics.fmean(best["test"])}
 
 
-def markdown(a, command: str, summaries: dict[str, dict], ref: dict | None) -> str:
-    from mnist_sweep.bench_sweeps import _machine, _versions
-
+def markdown(a, setup: dict, summaries: dict[str, dict], ref: dict | None) -> str:
     pruned, full = summaries[a.pruner], summaries["none"]
     saved = 1 - pruned["epochs"] / full["epochs"] if full["epochs"] else float("nan")
     lines = [
         "# Search benchmark",
         "",
-        f"Command: `{command}`",
+        f"Command: `{setup['command']}`",
         "",
-        f"Machine: {_machine()}; device {_device_name(a.device)}. {_versions()}.",
+        f"Machine: {setup['machine']}; device {setup['device']}. {setup['versions']}.",
         "",
         f"Both searches: `experiment=search`, {a.trials} trials of at most {a.epochs} epochs, TPE seed 0, "
         f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
@@ -168,8 +172,8 @@ def markdown(a, command: str, summaries: dict[str, dict], ref: dict | None) -> s
         "| trial time s | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, s in ((f"{a.pruner} pruner", pruned), ("no pruning", full)):
-        key = a.pruner if s is pruned else "none"
+    for key, s in ((a.pruner, pruned), ("none", full)):
+        name = _label(a, key)
         lines.append(
             f"| {name} | {s['trials']} | {s['pruned']} | {s['failed']} | {s['epochs']} | {100 * s['best_val']:.2f} | "
             f"{100 * s['test']:.2f} | {s['trial_s']:.0f} | {s['wall_s']:.0f} |"
@@ -180,16 +184,18 @@ def markdown(a, command: str, summaries: dict[str, dict], ref: dict | None) -> s
         "Trial time is the time inside the trials, summed; wall is the time during which any of its trials ran "
         "(from the study's timestamps, so a pause between an interrupted launch and its resumption is left out).",
     ]
-    interrupted = {k: s["interrupted"] for k, s in summaries.items() if s["interrupted"]}
-    if interrupted:
+
+    def count(key: str) -> str:
+        return ", ".join(f"{s[key]} in the {_label(a, k)} search" for k, s in summaries.items() if s[key])
+
+    if count("interrupted"):
         lines += [
             "",
-            f"Interrupted and resumed: {interrupted} trial(s) were running when a launch stopped; relaunching the "
-            "same command ran them again from the start (their partial epochs are not counted).",
+            f"Interrupted and resumed (trials that were running when a launch stopped: {count('interrupted')}): "
+            "relaunching the same command ran them again from the start; their partial epochs are not counted.",
         ]
-    unfinished = {k: s["unfinished"] for k, s in summaries.items() if s["unfinished"]}
-    if unfinished:
-        lines += ["", f"**Not finished**: trials still RUNNING or waiting in {unfinished}; the counts are partial."]
+    if count("unfinished"):
+        lines += ["", f"**Not finished**: trials still running or waiting ({count('unfinished')}): counts are partial."]
     lines += ["", f"**Pruning saved {100 * saved:.0f}% of the epochs** (target ≥ 40%)."]
     if ref:
         gaps = {k: 100 * (ref["val_mean"] - s["best_val"]) for k, s in summaries.items()}
@@ -208,6 +214,22 @@ def markdown(a, command: str, summaries: dict[str, dict], ref: dict | None) -> s
         params = " ".join(f"{k}={v}" for k, v in summaries[key]["best_params"].items())
         lines.append(f"- {key}: `{params}`")
     return "\n".join(lines) + "\n"
+
+
+def _setup_from_runs(tracking_uri: str, pruner: str) -> dict:
+    """Device and versions as the search's own runs recorded them (for a record older than those fields)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(f"bench-search-{pruner}")
+    runs = client.search_runs([exp.experiment_id], "tags.`device.name` != ''", max_results=1) if exp else []
+    tags = runs[0].data.tags if runs else {}
+    versions = ", ".join(
+        f"{name} {tags[f'version.{key}']}"
+        for key, name in (("python", "Python"), ("torch", "torch"), ("hydra", "hydra-core"), ("mlflow", "mlflow"))
+        if f"version.{key}" in tags
+    )
+    return {"machine": "not recorded", "device": tags.get("device.name", "not recorded"), "versions": versions}
 
 
 def _device_name(device: str) -> str:
@@ -240,16 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     a.tracking_uri = a.tracking_uri or f"sqlite:///{workdir}/mlflow.db"
     command = " ".join(["python -m mnist_sweep.bench_search", *(sys.argv[1:] if argv is None else argv)])
 
-    record = workdir / "searches.json"  # the command that ran: --report-only reports it
+    # What ran, and where: --report-only reports it, also on another machine than the one that ran it.
+    record = workdir / "searches.json"
     if a.report_only:
-        command = json.loads(record.read_text())["command"] if record.exists() else command
+        setup = json.loads(record.read_text()) if record.exists() else {"command": command}
     else:
-        record.write_text(json.dumps({"command": command}))
+        from mnist_sweep.bench_sweeps import _machine, _versions
+
+        setup = {"command": command, "machine": _machine(), "device": _device_name(a.device), "versions": _versions()}
+        record.write_text(json.dumps(setup))
         run_searches(a, workdir)
+    setup = {**_setup_from_runs(a.tracking_uri, a.pruner), **setup}
     summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in (a.pruner, "none")}
     ref_uri = a.reference_uri or a.tracking_uri
     ref = reference(ref_uri, a.reference_experiment, a.reference_recipe) if a.reference_experiment else None
-    text = markdown(a, command, summaries, ref)
+    text = markdown(a, setup, summaries, ref)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print(text)

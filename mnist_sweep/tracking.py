@@ -98,15 +98,17 @@ def prepare(tracking_uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         check_server(tracking_uri)
-    lock = contextlib.nullcontext()
+    lock, db = contextlib.nullcontext(), None
     if scheme == "sqlite":
-        prepare_sqlite(sqlite_path(tracking_uri))
         db = sqlite_path(tracking_uri)
+        db.parent.mkdir(parents=True, exist_ok=True)
         lock = _file_lock(db.with_name(db.name + ".lock"))
     mlflow.set_tracking_uri(tracking_uri)
     # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
-    # half-made; the lock makes the first access (migrations included) one process at a time.
+    # half-made; the lock makes the first access (the switch to WAL and the migrations) one process at a time.
     with lock:
+        if db is not None:
+            prepare_sqlite(db)
         return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
 
 

@@ -166,3 +166,28 @@ def test_bench_denormal_times_both_runs_side_by_side(tmp_path, mnist_root, cache
 def _search_rows(text: str) -> dict[str, list[str]]:
     lines = [ln for ln in text.splitlines() if ln.startswith(("| median pruner", "| no pruning"))]
     return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines}
+
+
+def test_bench_search_counts_diverged_and_interrupted_trials_apart(tmp_path):
+    """A diverged trial is the search's outcome; an interrupted one was rerun. Neither counts epochs."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="bench-none", storage=f"sqlite:///{tmp_path}/optuna.db")
+    finished = study.ask()
+    finished.report(0.9, 1)
+    finished.report(0.95, 2)
+    study.tell(finished, 0.95)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # diverged in its first epoch
+    interrupted = study.ask()
+    interrupted.report(0.5, 1)
+    interrupted.set_user_attr("interrupted", True)  # as the sweeper marks it when a relaunch finds it RUNNING
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    study.ask()  # still running
+
+    s = bench_search.study_summary(tmp_path, "none", f"sqlite:///{tmp_path}/mlflow.db")
+    assert (s["trials"], s["failed"], s["interrupted"], s["unfinished"], s["epochs"]) == (1, 1, 1, 1, 2)
+    assert s["best_val"] == 0.95
+    assert bench_search._unfinished(tmp_path, "none", 3)  # 3 finished, but one trial still runs
+    assert bench_search._unfinished(tmp_path, "hyperband", 1)  # no such study
+    assert bench_search._covered([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)]) == 4.0  # overlaps count once
