@@ -111,8 +111,10 @@ def test_trial_left_running_by_a_killed_launch_is_run_again(tmp_path):
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # never told: RUNNING
     proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=2", "hydra.sweeper.test_best=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    states = {t.number: t.state for t in _study(tmp_path).trials}
+    trials = {t.number: t for t in _study(tmp_path).trials}
+    states = {n: t.state for n, t in trials.items()}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert trials[orphan.number].user_attrs == {"interrupted": True}  # told apart from a trial that failed itself
     assert any(f"x={orphan.params['x']}" in line for line in lines)  # same parameters, run again
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
 
