@@ -112,5 +112,6 @@ def test_best_presets_compose_with_their_recipes():
     assert (best.model.hidden, best.model.depth, best.model.input_dropout, best.model.dropout) == (2048, 2, 0.2, 0.5)
     assert best.data.augment.strength == 0 and best.trainer.precision == "bf16" and best.data.deskew
     aug = config.check(_compose("experiment=best_aug"))
+    assert best.model.members == 3 and aug.model.members == 1  # best votes with 3 nets; best_aug trains one
     assert aug.data.augment.strength > 0 and aug.model.hidden == best.model.hidden  # the same net, distorted data
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
