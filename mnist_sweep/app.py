@@ -317,9 +317,15 @@ def make_loaders(settings, device, order):
 
 
 def make_model_args(settings, num_classes: int) -> dict:
-    """The plain arguments of model.build (saved beside the weights, so a checkpoint can be rebuilt)."""
-    keys = ("hidden", "depth", "activation", "dropout", "norm", "input_dropout", "members")
-    return {**{k: getattr(settings.model, k) for k in keys}, "num_classes": num_classes}
+    """The plain arguments of model.build (saved beside the weights, so a checkpoint can be rebuilt).
+
+    ``members`` is saved only for an ensemble, so a single net's arguments still build ``model.MLP`` directly.
+    """
+    keys = ("hidden", "depth", "activation", "dropout", "norm", "input_dropout")
+    args = {**{k: getattr(settings.model, k) for k in keys}, "num_classes": num_classes}
+    if settings.model.members > 1:
+        args["members"] = settings.model.members
+    return args
 
 
 def fit_options(settings) -> dict:

@@ -95,7 +95,7 @@ def test_only_the_best_trial_gets_a_logged_model_when_the_sweep_ends(failing_swe
 
     ckpt = torch.load(client.download_artifacts(best.info.run_id, "checkpoint/model.pt"), weights_only=True)
     assert ckpt["deskew"] is True
-    net = model.MLP(**ckpt["model_args"])
+    net = model.build(**ckpt["model_args"])
     net.load_state_dict(ckpt["state_dict"])
     x = (data.deskew(torch.from_numpy(images)) - ckpt["mean"]) / ckpt["std"]
     np.testing.assert_allclose(scores, net.eval()(x).detach().numpy(), rtol=1e-4, atol=1e-4)
