@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = {"command": command, "machine": _machine(), "device": _device_name(a.device), "versions": _versions()}
         record.write_text(json.dumps(setup))
         run_searches(a, workdir)
-    setup = {**_setup_from_runs(a.tracking_uri, a.pruner), **setup}
+    if not {"machine", "device", "versions"} <= setup.keys():  # a record from before those were kept
+        setup = {**_setup_from_runs(a.tracking_uri, a.pruner), **setup}
     summaries = {p: study_summary(workdir, p, a.tracking_uri) for p in (a.pruner, "none")}
     ref_uri = a.reference_uri or a.tracking_uri
     ref = reference(ref_uri, a.reference_experiment, a.reference_recipe) if a.reference_experiment else None

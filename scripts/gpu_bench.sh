@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 4, made in one call on a borrowed GPU machine (CUDA, 16 cores):
-#   1. the `best` preset and two-net ensembles (model.members=2) of `best` and `best_aug` for the same
+#   1. one `best` net of 80 epochs (the preset then) and two-net ensembles (model.members=2) of `best` and `best_aug` for the same
 #      compute, seeds 0-2, three trials at a time on the one GPU (joblib);
 #   2. mnist_sweep.bench_search: the full search space (widths to 2048, depths to 3) with and without
 #      Hyperband pruning, side by side, against (1)'s `best` runs as the reference.
@@ -66,7 +66,7 @@ elif [ "$MODE" = resume ]; then
     search 40 "$EPOCHS" 2
 else
     LIMIT=${LIMIT:-450}  # seconds each piece may take; what finished by then is kept
-    sweep best experiment=best
+    sweep best experiment=best model.members=1 trainer.epochs=80  # one net of 80 epochs: the preset then
     # Two nets for the time of one (half the epochs each): does their vote beat one net on validation?
     sweep best_members2 experiment=best model.members=2 trainer.epochs=40
     sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80
