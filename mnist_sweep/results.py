@@ -11,7 +11,8 @@ The MLflow store is a local, git-ignored file, and a fresh clone has none: runs 
 with the checkout that made them. So every run the table counts is also written to a JSON file beside it
 (``--runs``, default docs/RESULTS.runs.json: run id, experiment, params, the metrics the table uses, device),
 and the next regeneration reads that file back as well as the store (the store wins for a run id in both).
-A section of the output file headed "## Earlier runs" (hand-written notes on runs no file holds) is kept.
+A section of the output file headed "## Earlier runs" (hand-written notes on runs no file holds) is kept, and
+so is the line saying which commands made the runs ("The runs: ...", set with ``--how``) when no new one is given.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+HOW = "The runs: "
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
 # Keys added to the config after some runs were logged, with the value those runs had without saying so.
 ADDED_LATER = {"data.deskew": "False", "model.members": "1"}
@@ -146,7 +148,7 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         "",
         f"Regenerate with: `{command}`",
         "",
-        *([f"The runs: {how}", ""] if how else []),
+        *([HOW + how.removeprefix(HOW), ""] if how else []),
         "| recipe | model | optimizer | epochs | data | seeds | test acc % | val acc % | training s | device |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -167,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", action="append", help="repeat for several (default: mnist-sweep)")
     parser.add_argument("--out", default="docs/RESULTS.md")
     parser.add_argument("--runs", default="docs/RESULTS.runs.json", help="runs kept from earlier stores ('' for none)")
-    parser.add_argument("--how", default="", help="a line saying which commands made the runs (kept in the file)")
+    parser.add_argument(
+        "--how", default="", help="a line saying which commands made the runs (default: the one already in --out)"
+    )
     args = parser.parse_args(argv)
     command = "python -m mnist_sweep.results" + "".join(
         f" --{k.replace('_', '-')} {item}"
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.read_text() if out.is_file() else ""
-    out.write_text(markdown(rows, command, args.how) + (f"\n{old[old.index(KEPT) :]}" if KEPT in old else ""))
+    how = args.how or next((line for line in old.split(KEPT)[0].splitlines() if line.startswith(HOW)), "")
+    out.write_text(markdown(rows, command, how) + (f"\n{old[old.index(KEPT) :]}" if KEPT in old else ""))
     if args.runs:
         Path(args.runs).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     added = len(records) - len(saved)

@@ -82,6 +82,7 @@ def test_runs_outlive_their_store_through_the_runs_file(tmp_path):
     _run(client, other, 0, 64, 0.95, experiment_choice="None")
     results.main(
         ["--tracking-uri", first, "--experiment", "e", "--experiment", "other", "--out", str(out), "--runs", str(runs)]
+        + ["--how", "`python train.py -m seed=0` on a laptop"]
     )
     out.write_text(out.read_text() + "\n## Earlier runs\n\nnotes on runs no file holds\n")
 
@@ -95,6 +96,7 @@ def test_runs_outlive_their_store_through_the_runs_file(tmp_path):
     assert "2 x 64" not in text  # the other experiment's run is not in this table...
     assert len(results.load_runs(runs)) == 3  # ...but stays in the file
     assert text.count("## Earlier runs") == 1 and text.endswith("notes on runs no file holds\n")
+    assert text.count("The runs: `python train.py -m seed=0` on a laptop\n") == 1  # kept when no --how is given
 
     # without the file, only the store counts
     results.main(["--tracking-uri", second, "--experiment", "e", "--out", str(out), "--runs", ""])
