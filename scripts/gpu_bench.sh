@@ -69,7 +69,7 @@ else
     sweep best experiment=best model.members=1 trainer.epochs=80  # one net of 80 epochs: the preset then
     # Two nets for the time of one (half the epochs each): does their vote beat one net on validation?
     sweep best_members2 experiment=best model.members=2 trainer.epochs=40
-    sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80
+    sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80 data.deskew=false  # best_aug then
     search 40 "$EPOCHS" 2
 fi
 wait

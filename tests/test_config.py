@@ -113,5 +113,6 @@ def test_best_presets_compose_with_their_recipes():
     assert best.data.augment.strength == 0 and best.trainer.precision == "bf16" and best.data.deskew
     aug = config.check(_compose("experiment=best_aug"))
     assert best.model.members == 3 and aug.model.members == 1  # best votes with 3 nets; best_aug trains one
-    assert aug.data.augment.strength > 0 and aug.model.hidden == best.model.hidden  # the same net, distorted data
+    assert aug.data.augment.strength > 0 and aug.data.deskew  # deskewed, then distorted
+    assert aug.model.hidden == best.model.hidden  # the same net
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
