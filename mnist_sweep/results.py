@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = rows_from([r for r in records if r["experiment"] in experiments])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = out.read_text() if out.is_file() else ""
-    how = args.how or next((line for line in old.split(KEPT)[0].splitlines() if line.startswith(HOW)), "")
-    out.write_text(markdown(rows, command, how) + (f"\n{old[old.index(KEPT) :]}" if KEPT in old else ""))
+    # The old file's generated part (its "The runs:" line) and its hand-written "## Earlier runs" section
+    generated, marker, earlier = (out.read_text() if out.is_file() else "").partition(KEPT)
+    how = args.how or next((line for line in generated.splitlines() if line.startswith(HOW)), "")
+    out.write_text(markdown(rows, command, how) + (f"\n{marker}{earlier}" if marker else ""))
     if args.runs:
         Path(args.runs).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     added = len(records) - len(saved)

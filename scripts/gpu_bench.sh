@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 4, made in one call on a borrowed GPU machine (CUDA, 16 cores):
-#   1. one `best` net of 80 epochs (the preset then) and two-net ensembles (model.members=2) of `best` and `best_aug` for the same
-#      compute, seeds 0-2, three trials at a time on the one GPU (joblib);
+#   1. one `best` net of 80 epochs (the preset then) and two-net ensembles (model.members=2) of `best` and
+#      `best_aug` (on raw digits, as it was then) for the same compute, seeds 0-2, three trials at a time on
+#      the one GPU (joblib);
 #   2. mnist_sweep.bench_search: the full search space (widths to 2048, depths to 3) with and without
 #      Hyperband pruning, side by side, against (1)'s `best` runs as the reference.
 # Both write to SQLite stores under the work folder; the stores and the logs come back as one tarball, and
