@@ -126,6 +126,7 @@ def rows_from(records: list[dict]) -> list[dict]:
                 "device": ", ".join(sorted({r["device"] for r in members})),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),
+                "batch": params.get("data.batch_size", "-"),
                 "data": _data(params),
                 "seeds": sorted(int(r["params"].get("seed", 0)) for r in members),
                 "test": [r["metrics"]["test/acc"] for r in members],
@@ -149,17 +150,17 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         f"Regenerate with: `{command}`",
         "",
         *([HOW + how.removeprefix(HOW), ""] if how else []),
-        "| recipe | model | optimizer | epochs | data | seeds | test acc % | val acc % | training s | device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | model | optimizer | epochs | batch | data | seeds | test acc % | val acc % | training s | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['recipe']} | {r['model']} | {r['optimizer']} | {r['epochs']} | {r['data']} | "
+            f"| {r['recipe']} | {r['model']} | {r['optimizer']} | {r['epochs']} | {r['batch']} | {r['data']} | "
             f"{','.join(map(str, r['seeds']))} | {_fmt(r['test'])} | {_fmt(r['val'])} | "
             f"{_fmt(r['train_s'], scale=1.0, digits=1)} | {r['device']} |"
         )
     if not rows:
-        lines.append("| (no finished runs with a test score yet) | | | | | | | | | |")
+        lines.append("| (no finished runs with a test score yet) | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choi
         "optimizer.name": "adam",
         "optimizer.lr": 0.003,
         "trainer.epochs": 5,
+        "data.batch_size": 256,
         "choice.experiment": experiment_choice,
         **more,
     }.items():
@@ -46,9 +47,9 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0]]
     assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug"]
     text = results.markdown(rows, "python -m mnist_sweep.results")
-    assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
-    assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | as is |" in text
-    assert "| 5 | deskewed, augment 0.5 | 0 | 97.00 |" in text
+    assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 256 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
+    assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | 256 | as is |" in text
+    assert "| 5 | 256 | deskewed, augment 0.5 | 0 | 97.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
     assert text.count("| AMD EPYC, 2 threads |") == 4  # where each recipe ran
 
