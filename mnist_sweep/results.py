@@ -62,6 +62,19 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 KEPT = "## Earlier runs"
 METRICS = ("test/acc", "best_val/acc", "val/acc", "train_time_s")
+COLUMNS = (
+    "recipe",
+    "model",
+    "optimizer",
+    "epochs",
+    "batch",
+    "data",
+    "seeds",
+    "test acc %",
+    "val acc %",
+    "training s",
+    "device",
+)
 
 
 def store_runs(tracking_uri: str, *experiments: str) -> list[dict]:
@@ -150,8 +163,8 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         f"Regenerate with: `{command}`",
         "",
         *([HOW + how.removeprefix(HOW), ""] if how else []),
-        "| recipe | model | optimizer | epochs | batch | data | seeds | test acc % | val acc % | training s | device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
     ]
     for r in rows:
         lines.append(
@@ -160,7 +173,7 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
             f"{_fmt(r['train_s'], scale=1.0, digits=1)} | {r['device']} |"
         )
     if not rows:
-        lines.append("| (no finished runs with a test score yet) | | | | | | | | | | |")
+        lines.append("| (no finished runs with a test score yet) |" + " |" * (len(COLUMNS) - 1))
     return "\n".join(lines) + "\n"
 
 
