@@ -43,11 +43,17 @@ def _device(tags: dict[str, str]) -> str:
     return tags.get("device.name", tags.get("device", "?"))
 
 
+ZERO = ("0", "0.0")
+DISTORTIONS = ("rotate", "shear", "scale", "shift", "elastic_alpha")
+
+
 def _data(params: dict[str, str]) -> str:
     """What the net saw: the images as they are, deskewed (data.deskew), and/or augmented (data.augment)."""
     parts = ["deskewed"] if params.get("data.deskew") == "True" else []
-    if params.get("data.augment.strength", "0.0") not in ("0", "0.0"):
+    if params.get("data.augment.strength", "0.0") not in ZERO:
         parts.append(f"augment {params['data.augment.strength']}")
+        # A distortion switched off is part of the recipe (best_aug drops shift and shear on deskewed digits).
+        parts += [f"no {name}" for name in DISTORTIONS if params.get(f"data.augment.{name}") in ZERO]
     return ", ".join(parts) or "as is"
 
 

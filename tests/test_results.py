@@ -41,17 +41,20 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
     other = client.create_experiment("f", artifact_location=str(tmp_path / "b"))
     _run(client, other, 0, 2048, 0.985, experiment_choice="best_aug", input_dropout=0.2)
-    augmented = {"data.deskew": True, "data.augment.strength": 0.5}
+    augmented = {"data.deskew": True, "data.augment.strength": 0.5, "data.augment.shift": 0.1}
     _run(client, other, 0, 2048, 0.97, experiment_choice="best_aug", input_dropout=0.2, **augmented)
+    unshifted = {**augmented, "data.augment.shift": 0.0, "data.augment.shear": 0}
+    _run(client, other, 0, 2048, 0.96, experiment_choice="best_aug", input_dropout=0.2, **unshifted)
     rows = results.collect(uri, "e", "f")
-    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0]]
-    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug"]
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0], [0]]
+    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug", "best_aug"]
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 256 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
     assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | 256 | as is |" in text
     assert "| 5 | 256 | deskewed, augment 0.5 | 0 | 97.00 |" in text
+    assert "| 5 | 256 | deskewed, augment 0.5, no shear, no shift | 0 | 96.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
-    assert text.count("| AMD EPYC, 2 threads |") == 4  # where each recipe ran
+    assert text.count("| AMD EPYC, 2 threads |") == 5  # where each recipe ran
 
 
 def test_main_writes_the_file(tmp_path):
