@@ -114,5 +114,7 @@ def test_best_presets_compose_with_their_recipes():
     aug = config.check(_compose("experiment=best_aug"))
     assert best.model.members == 3 and aug.model.members == 1  # best votes with 3 nets; best_aug trains one
     assert aug.data.augment.strength > 0 and aug.data.deskew  # deskewed, then distorted
+    assert aug.data.augment.shift == aug.data.augment.shear == 0  # deskewing already centred and straightened
+    assert aug.data.augment.rotate > 0 and aug.data.augment.elastic_alpha > 0
     assert aug.model.hidden == best.model.hidden  # the same net
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
