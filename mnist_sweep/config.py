@@ -139,6 +139,10 @@ class SchedulerConfig:
         _require(self.final >= 0, "scheduler.final", self.final, "must be >= 0", "scheduler.final=0")
 
 
+# The data.augment magnitudes: each distortion's own, 0 switching it off (mnist_sweep.results names those).
+DISTORTIONS = ("rotate", "shear", "scale", "shift", "elastic_alpha")
+
+
 @dataclass
 class AugmentConfig:
     """Distortions of the training batches, on the device (mnist_sweep/augment.py); evaluation never sees them."""
@@ -152,7 +156,7 @@ class AugmentConfig:
     elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
 
     def __post_init__(self) -> None:
-        for key in ("strength", "rotate", "shear", "scale", "shift", "elastic_alpha"):
+        for key in ("strength", *DISTORTIONS):
             value = getattr(self, key)
             _require(value >= 0, f"data.augment.{key}", value, "must be >= 0", f"data.augment.{key}=0")
         _require(self.scale < 1, "data.augment.scale", self.scale, "must be below 1", "data.augment.scale=0.1")

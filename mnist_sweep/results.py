@@ -23,6 +23,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from mnist_sweep.config import DISTORTIONS
+
 HOW = "The runs: "
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
 # Keys added to the config after some runs were logged, with the value those runs had without saying so.
@@ -44,7 +46,6 @@ def _device(tags: dict[str, str]) -> str:
 
 
 ZERO = ("0", "0.0")
-DISTORTIONS = ("rotate", "shear", "scale", "shift", "elastic_alpha")
 
 
 def _data(params: dict[str, str]) -> str:
