@@ -73,6 +73,10 @@ def run_name(hc) -> str:
     return name if name else "defaults"
 
 
+def _val(acc: float) -> str:
+    return f"{acc:.4f}" if acc == acc else "none (data.val_size=0)"
+
+
 def params(cfg: DictConfig, hc) -> dict[str, object]:
     """The resolved config as dotted keys, plus which preset each config group came from."""
     flat = config.flatten(OmegaConf.to_container(cfg, resolve=True))
@@ -206,18 +210,7 @@ def run(cfg: DictConfig) -> float:
             metrics = er.metrics()
             mlrun.log_metrics(metrics, step=er.epoch)  # one batched write per epoch
             rows.append({"epoch": er.epoch, **metrics})
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2g | %.1f s, %.0f samples/s",
-                er.epoch,
-                settings.trainer.epochs,
-                er.train_loss,
-                er.train_acc,
-                er.val_loss,
-                er.val_acc,
-                er.lr,
-                er.seconds,
-                er.samples_per_s,
-            )
+            log.info(er.summary(settings.trainer.epochs))
             if pruner is not None and pruner.report(er.epoch, er.val_acc):
                 mlrun.set_tags({"pruned": "true", "pruned_at_epoch": er.epoch})
                 if trial is not None:
@@ -256,15 +249,16 @@ def run(cfg: DictConfig) -> float:
             final.update({"test/loss": test.loss, "test/acc": test.acc, "test_eval_time_s": eval_seconds})
             final.update({f"test/acc_class_{i}": a for i, a in enumerate(test.per_class_acc)})
             log.info(
-                "test: loss %.4f acc %.4f (%d images, %.2f s) | val acc %.4f | training %.1f s",
+                "test: loss %.4f acc %.4f (%d images, %.2f s) | val acc %s | training %.1f s",
                 test.loss,
                 test.acc,
                 loaders.n_test,
                 eval_seconds,
-                fitted.val_acc,
+                _val(fitted.val_acc),
                 fitted.train_seconds,
             )
-        mlrun.log_metrics(final, step=fitted.best_epoch)
+        # Without a validation split best_val/acc is NaN: not logged, so the run has no objective to compare.
+        mlrun.log_metrics({k: v for k, v in final.items() if v == v}, step=fitted.best_epoch)
 
         # 6. The lab notebook (tracking.py): config beside the weights, the per-epoch log, the confusion matrix.
         example = loaders_example(loaders, d.mean, d.std)  # a few images, kept with the weights
@@ -284,7 +278,7 @@ def run(cfg: DictConfig) -> float:
             mlrun.log_artifact(log_file)
 
     tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
-    print(f"val/acc {fitted.val_acc:.4f}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
+    print(f"val/acc {_val(fitted.val_acc)}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
     return float(fitted.val_acc)
 
 

@@ -326,6 +326,22 @@ class Config:
     seed: int = 0
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
 
+    def __post_init__(self) -> None:
+        # data.val_size=0 trains on all 60,000 (a refit after the choice, experiment=best_aug_refit): nothing is
+        # left to choose by, so whatever chooses by val/acc must fail here, before any compute.
+        if self.data is not MISSING and self.data.val_size == 0:
+            for needs_val, key, value in (
+                (self.trainer.patience > 0, "trainer.patience", self.trainer.patience),
+                (self.optuna.study is not None, "optuna.study", self.optuna.study),
+            ):
+                _require(
+                    not needs_val,
+                    key,
+                    value,
+                    "chooses by val/acc, and data.val_size=0 leaves no validation split",
+                    "data.val_size=5000",
+                )
+
 
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; ``conf/`` YAML files extend them."""

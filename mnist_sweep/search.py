@@ -197,6 +197,11 @@ class OptunaSweeperImpl:
         fixed, space = parse_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         if not space:
             raise SearchError("the search space is empty: give hydra.sweeper.params or sweep values (e.g. a=1,2)")
+        if OmegaConf.select(self.config, "data.val_size") == 0:  # before the study exists or any trial runs
+            raise SearchError(
+                "data.val_size=0 leaves no validation split for the search to maximise: search with "
+                "data.val_size=5000, then refit the chosen preset on all 60,000 with data.val_size=0"
+            )
         storage = _absolute_sqlite(c.storage)
         study_name = c.study_name or f"{self.config.mlflow.experiment}-search"
         epochs = int(OmegaConf.select(self.config, "trainer.epochs", default=1))

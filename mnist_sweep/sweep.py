@@ -45,6 +45,11 @@ OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation ac
 OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
 
 
+def _finite(value: Any) -> float | None:
+    """A trial's objective, or None for one that has none (NaN: data.val_size=0 left no validation split)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # What a sweep is: its directory, its swept keys, its size
 # ------------------------------------------------------------------------------------------------------------
@@ -344,7 +349,7 @@ def collect(client, sweep: Sweep) -> list[dict[str, Any]]:
             "trial": num,
             "overrides": json.loads(child.data.tags.get("trial.overrides", "[]")),
             "status": child.info.status,
-            "objective": child.data.metrics.get(OBJECTIVE_METRIC),
+            "objective": _finite(child.data.metrics.get(OBJECTIVE_METRIC)),
             "run_id": child.info.run_id,
             "note": child.data.tags.get("error", ""),
         }
@@ -553,7 +558,7 @@ def record(config: DictConfig, job_return) -> None:
             "trial": num,
             "overrides": list(job_return.overrides or []),
             "status": "FINISHED" if ok else "FAILED",
-            "objective": float(job_return._return_value) if ok and job_return._return_value is not None else None,
+            "objective": _finite(job_return._return_value) if ok else None,
             "run_id": trial.reused_from or trial.run_id,
             "reused": trial.reused_from is not None,
             "note": trial.note if ok else f"{type(error).__name__}: {error}"[:300],

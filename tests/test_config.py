@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -118,3 +120,14 @@ def test_best_presets_compose_with_their_recipes():
     assert aug.data.augment.rotate > 0 and aug.data.augment.elastic_alpha > 0
     assert aug.model.hidden == best.model.hidden  # the same net
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
+    refit = config.check(_compose("experiment=best_aug_refit"))
+    assert refit.data.val_size == 0 and aug.data.val_size == 5000  # all 60,000, after the choice on 55,000
+    assert dataclasses.replace(refit.data, val_size=5000) == aug.data
+    assert (refit.model, refit.trainer) == (aug.model, aug.trainer)
+
+
+@pytest.mark.parametrize("override", ["trainer.patience=3", "optuna.study=s"])
+def test_what_chooses_by_val_acc_needs_a_validation_split(override):
+    config.check(_compose(override))  # fine with the default 5,000 validation images
+    with pytest.raises(config.ConfigError, match=rf"{override.split('=')[0]}=\S+ is invalid: .*data.val_size=0"):
+        config.check(_compose(override, "data.val_size=0"))

@@ -109,6 +109,34 @@ def test_grid_sweep_one_run_per_value(tmp_path, mnist_root, cache_dir):
     assert (tmp_path / "outputs" / "multirun").is_dir()
 
 
+def test_refit_on_all_training_images_logs_no_validation(tmp_path, mnist_root, cache_dir):
+    """data.val_size=0 (experiment=best_aug_refit): all 60,000 train, val/acc is absent, never NaN or a best."""
+    proc = train_py(
+        "-m",
+        "data.val_size=0",
+        "seed=0,1",
+        "trainer.epochs=1",
+        "model.hidden=64",
+        "mlflow.log_model=false",
+        f"data.root={mnist_root}",
+        f"data.cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "60000 train / 0 val / 10000 test" in proc.stdout and "| no val |" in proc.stdout
+    assert proc.stdout.count("val/acc none (data.val_size=0)") == 2 and "acc nan" not in proc.stdout
+    assert "Callback" not in proc.stderr  # the sweep's summary (mean ± std over seeds) skips the missing val/acc
+    client, runs = _runs(tmp_path)
+    (sweep,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert len(trials) == 2 and sweep.info.status == "FINISHED"
+    for r in trials:
+        assert r.info.status == "FINISHED" and r.data.metrics["test/acc"] > 0.9
+        assert not {"val/acc", "val/loss", "best_val/acc"} & set(r.data.metrics)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/acc")] == [1]
+    assert "best_val/acc" not in sweep.data.metrics  # no trial can be the best without a validation split
+
+
 def test_fashion_mnist_preset_uses_the_same_code(tmp_path, mnist_root, cache_dir):
     root = mnist_root.parent / "fashion-mnist"
     proc = train_py(
@@ -142,6 +170,7 @@ def _one_line_error(proc, *fragments):
         (["model.hidden=abc"], ["model.hidden", "abc"]),
         (["model.depth=-1"], ["model.depth=-1"]),
         (["data.batch_size=0"], ["data.batch_size=0"]),
+        (["data.val_size=0", "trainer.patience=3"], ["trainer.patience=3", "no validation split"]),
         (["device=cuda"], ["device=cuda", "device=cpu"]),
         (["mlflow.tracking_uri=http://127.0.0.1:9"], ["unreachable", "mlflow.tracking_uri"]),
     ],

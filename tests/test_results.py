@@ -25,7 +25,8 @@ def _run(client, exp, seed, hidden, test_acc, status="FINISHED", experiment_choi
     }.items():
         client.log_param(run.info.run_id, k, v)
     client.log_metric(run.info.run_id, "test/acc", test_acc)
-    client.log_metric(run.info.run_id, "best_val/acc", test_acc - 0.001)
+    if more.get("data.val_size") != 0:  # a refit on all 60,000 has no validation split
+        client.log_metric(run.info.run_id, "best_val/acc", test_acc - 0.001)
     client.log_metric(run.info.run_id, "train_time_s", 10.0)
     client.set_terminated(run.info.run_id, status)
 
@@ -45,16 +46,18 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     _run(client, other, 0, 2048, 0.97, experiment_choice="best_aug", input_dropout=0.2, **augmented)
     unshifted = {**augmented, "data.augment.shift": 0.0, "data.augment.shear": 0}
     _run(client, other, 0, 2048, 0.96, experiment_choice="best_aug", input_dropout=0.2, **unshifted)
+    _run(client, other, 0, 2048, 0.95, experiment_choice="best_aug_refit", **{"data.val_size": 0})
     rows = results.collect(uri, "e", "f")
-    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0], [0]]
-    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug", "best_aug"]
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0], [0], [0]]
+    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug", "best_aug", "best_aug_refit"]
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 256 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
     assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | 256 | as is |" in text
     assert "| 5 | 256 | deskewed, augment 0.5 | 0 | 97.00 |" in text
     assert "| 5 | 256 | deskewed, augment 0.5, no shear, no shift | 0 | 96.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
-    assert text.count("| AMD EPYC, 2 threads |") == 5  # where each recipe ran
+    assert "| refit on all 60,000, no val | 0 | 95.00 | - | 10.0 |" in text  # no val/acc: a dash, not nan
+    assert text.count("| AMD EPYC, 2 threads |") == 6  # where each recipe ran
 
 
 def test_main_writes_the_file(tmp_path):

@@ -125,6 +125,16 @@ def test_empty_search_space_is_a_clear_error(tmp_path):
     assert "search space is empty" in proc.stderr
 
 
+def test_search_without_a_validation_split_is_refused_before_any_trial(tmp_path):
+    proc, lines = _search(tmp_path, "x=interval(0,1)", "+data.val_size=0")
+    assert proc.returncode != 0
+    assert "data.val_size=0 leaves no validation split" in proc.stderr and "data.val_size=5000" in proc.stderr
+    assert lines == []  # no trial ran
+    proc, lines = _search(tmp_path, "x=interval(0,1)", "+data.val_size=5000", "hydra.sweeper.n_trials=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert lines  # with a validation split the same search runs
+
+
 def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
     text = search.preset_yaml(
         {"optimizer": "sgd", "optimizer.lr": 0.02, "model.hidden": 512, "trainer.epochs": 3},
