@@ -73,10 +73,6 @@ def run_name(hc) -> str:
     return name if name else "defaults"
 
 
-def _val(acc: float) -> str:
-    return f"{acc:.4f}" if acc == acc else "none (data.val_size=0)"
-
-
 def params(cfg: DictConfig, hc) -> dict[str, object]:
     """The resolved config as dotted keys, plus which preset each config group came from."""
     flat = config.flatten(OmegaConf.to_container(cfg, resolve=True))
@@ -233,9 +229,12 @@ def run(cfg: DictConfig) -> float:
             **fit_options(settings),
         )
 
+        # Without a validation split (data.val_size=0) there is no best_val/acc: the run has no objective.
+        validated = fitted.epochs[-1].validated
+        val_text = f"{fitted.val_acc:.4f}" if validated else "none (data.val_size=0)"
         final = {
             "best_epoch": fitted.best_epoch,
-            "best_val/acc": fitted.val_acc,
+            **({"best_val/acc": fitted.val_acc} if validated else {}),
             "train_time_s": fitted.train_seconds,
             "data_time_s": data_seconds,
         }
@@ -254,11 +253,10 @@ def run(cfg: DictConfig) -> float:
                 test.acc,
                 loaders.n_test,
                 eval_seconds,
-                _val(fitted.val_acc),
+                val_text,
                 fitted.train_seconds,
             )
-        # Without a validation split best_val/acc is NaN: not logged, so the run has no objective to compare.
-        mlrun.log_metrics({k: v for k, v in final.items() if v == v}, step=fitted.best_epoch)
+        mlrun.log_metrics(final, step=fitted.best_epoch)
 
         # 6. The lab notebook (tracking.py): config beside the weights, the per-epoch log, the confusion matrix.
         example = loaders_example(loaders, d.mean, d.std)  # a few images, kept with the weights
@@ -278,7 +276,7 @@ def run(cfg: DictConfig) -> float:
             mlrun.log_artifact(log_file)
 
     tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
-    print(f"val/acc {_val(fitted.val_acc)}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
+    print(f"val/acc {val_text}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
     return float(fitted.val_acc)
 
 

@@ -140,22 +140,26 @@ class EpochResult:
     seconds: float
     samples_per_s: float
 
+    @property
+    def validated(self) -> bool:
+        """False without a validation split (data.val_size=0), where fit sets the val numbers to NaN."""
+        return not math.isnan(self.val_acc)
+
     def metrics(self) -> dict[str, float]:
-        out = {
+        # Without a validation split the val metrics are left out, not logged as NaN.
+        val = {"val/loss": self.val_loss, "val/acc": self.val_acc} if self.validated else {}
+        return {
             "train/loss": self.train_loss,
             "train/acc": self.train_acc,
-            "val/loss": self.val_loss,
-            "val/acc": self.val_acc,
+            **val,
             "lr": self.lr,
             "epoch_time_s": self.seconds,
             "train/samples_per_s": self.samples_per_s,
         }
-        # Without a validation split (data.val_size=0) the val metrics are NaN: left out, not logged as numbers.
-        return {k: v for k, v in out.items() if v == v}
 
     def summary(self, epochs: int) -> str:
         """The line each epoch prints."""
-        val = f"val loss {self.val_loss:.4f} acc {self.val_acc:.4f}" if self.val_acc == self.val_acc else "no val"
+        val = f"val loss {self.val_loss:.4f} acc {self.val_acc:.4f}" if self.validated else "no val"
         return (
             f"epoch {self.epoch}/{epochs}  train loss {self.train_loss:.4f} acc {self.train_acc:.4f} | {val} | "
             f"lr {self.lr:.2g} | {self.seconds:.1f} s, {self.samples_per_s:.0f} samples/s"
