@@ -155,6 +155,16 @@ def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
     return {**best, "val_mean": statistics.fmean(best["val"]), "test_mean": statistics.fmean(best["test"])}
 
 
+def _tpe_seed(overrides: list[str]) -> str:
+    """The sampler's seed: the last `hydra.sweeper.seed=N` override, else the sweeper's default."""
+    seeds = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("hydra.sweeper.seed=")]
+    if seeds:
+        return seeds[-1]
+    from mnist_sweep.search import OptunaSweeperConf
+
+    return str(OptunaSweeperConf().seed)
+
+
 def markdown(a, setup: dict, summaries: dict[str, dict], ref: dict | None) -> str:
     pruned, full = summaries[a.pruner], summaries["none"]
     saved = 1 - pruned["epochs"] / full["epochs"] if full["epochs"] else float("nan")
@@ -165,7 +175,8 @@ def markdown(a, setup: dict, summaries: dict[str, dict], ref: dict | None) -> st
         "",
         f"Machine: {setup['machine']}; device {setup['device']}. {setup['versions']}.",
         "",
-        f"Both searches: `experiment=search`, {a.trials} trials of at most {a.epochs} epochs, TPE seed 0, "
+        f"Both searches: `experiment=search`, {a.trials} trials of at most {a.epochs} epochs, "
+        f"TPE seed {_tpe_seed(a.override)}, "
         f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
         "",
         "| search | trials | pruned | failed | epochs spent | best val acc % | its test acc % "

@@ -191,3 +191,8 @@ def test_bench_search_counts_diverged_and_interrupted_trials_apart(tmp_path):
     assert bench_search._unfinished(tmp_path, "none", 3)  # 3 finished, but one trial still runs
     assert bench_search._unfinished(tmp_path, "hyperband", 1)  # no such study
     assert bench_search._covered([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)]) == 4.0  # overlaps count once
+
+
+def test_bench_search_reports_the_tpe_seed_the_searches_used():
+    assert bench_search._tpe_seed(["model.hidden=choice(64,128)"]) == "0"  # the sweeper's default
+    assert bench_search._tpe_seed(["hydra.sweeper.seed=1", "trainer.epochs=3", "hydra.sweeper.seed=7"]) == "7"
