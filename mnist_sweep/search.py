@@ -214,9 +214,9 @@ class OptunaSweeperImpl:
             load_if_exists=True,
         )
         self._rerun_interrupted(study)
-        done = [
-            t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        ]
+        # Every finished trial counts towards n_trials, as in the launch that ran it: a diverged (FAIL) trial is the
+        # search's outcome, not a slot to fill again. Only the interrupted ones, queued again above, are rerun.
+        done = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
         remaining = c.n_trials - len(done)
         log.info(
             "study %r in %s: %d trials done, %d to run (%s)",

@@ -106,6 +106,21 @@ def test_relaunch_resumes_the_study_and_runs_only_what_is_missing(tmp_path):
     assert len({line.split()[0] for line in lines2[len(lines1) :]}) == 2  # two new trials only
 
 
+def test_relaunch_counts_a_diverged_trial_as_done(tmp_path):
+    """A trial that failed by itself (diverged) used up its slot, in a relaunch as in the launch that ran it."""
+    study = optuna.create_study(study_name="stand-in", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+    study.tell(study.ask(space), 0.9)
+    proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=2", "hydra.sweeper.test_best=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 trials done, 0 to run" in proc.stderr + proc.stdout
+    assert lines == [] and len(_study(tmp_path).trials) == 2  # nothing new ran
+    proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=3", "hydra.sweeper.test_best=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_study(tmp_path).trials) == 3  # a larger budget runs only the missing one
+
+
 def test_trial_left_running_by_a_killed_launch_is_run_again(tmp_path):
     study = optuna.create_study(study_name="stand-in", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
     orphan = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # never told: RUNNING
