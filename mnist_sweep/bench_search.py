@@ -5,8 +5,8 @@ many epochs does pruning save? Writes docs/BENCHMARKS-search.md.
         --reference-experiment results --reference-uri sqlite:///mlruns/mlflow.db
 
 Side by side, in one run: the same ``experiment=search`` (same space, same TPE seed, same trial budget and
-epochs) launched twice at the same time, once with a pruner (``--pruner``: median, as the search preset uses, or
-hyperband) and once with ``pruner=none``. The epochs each spent are counted from the Optuna study (one
+epochs) launched twice at the same time, once with a pruner (``--pruner``: median, as the search preset uses, asha
+or hyperband) and once with ``pruner=none``. The epochs each spent are counted from the Optuna study (one
 intermediate value per epoch a trial ran). The reference is the recipe ``--reference-recipe`` (the ``best``
 preset, which like the search uses no augmentation) among the finished runs of ``--reference-experiment``, by
 mean validation accuracy over its seeds. Both the search and the reference are judged on validation accuracy,
@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--pruner", default="median", choices=["median", "hyperband"], help="the pruned search's")
+    parser.add_argument(
+        "--pruner", default="median", choices=["median", "asha", "hyperband"], help="the pruned search's"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="trials at once in each search (joblib)")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///WORKDIR/mlflow.db")
     parser.add_argument("--reference-experiment", default=None, help="MLflow experiment holding the preset grid")

@@ -148,7 +148,7 @@ class OptunaSweeperConf:
     direction: str = "maximize"
     study_name: str | None = None  # default: the MLflow experiment's name + "-search"
     storage: str | None = "sqlite:///mlruns/optuna.db"
-    pruner: str = "median"  # none | median | hyperband
+    pruner: str = "median"  # none | median | asha | hyperband
     warmup_epochs: int = 1  # epochs every trial runs before it may be pruned
     startup_trials: int = 5  # trials that finish unpruned before pruning starts
     best_preset: str | None = "found"  # conf/experiment/<name>.yaml gets the best config; null = don't write
@@ -164,9 +164,14 @@ def make_pruner(name: str, warmup_epochs: int, startup_trials: int, max_epochs: 
         return optuna.pruners.NopPruner()
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+    if name == "asha":
+        # Successive halving (ASHA, Li et al. 2020), one bracket: at epoch warmup_epochs, then at 4x that (and 16x,
+        # ...), a trial goes on only if it is in the top quarter of the trials that reached that epoch. Optuna's
+        # default reduction factor, 4. Unlike Hyperband, the sampler learns from all the trials as one study.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, warmup_epochs), reduction_factor=4)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs), max_resource=max_epochs)
-    raise SearchError(f"hydra.sweeper.pruner={name} is not a pruner; choose none, median or hyperband")
+    raise SearchError(f"hydra.sweeper.pruner={name} is not a pruner; choose none, median, asha or hyperband")
 
 
 class OptunaSweeperImpl:

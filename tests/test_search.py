@@ -92,6 +92,46 @@ def test_pruner_none_runs_every_epoch(tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in _study(tmp_path).trials)
 
 
+def test_asha_through_the_sweeper_stops_trials_at_its_first_rung(tmp_path):
+    proc, _ = _search(
+        tmp_path,
+        "x=interval(0.0,1.0)",
+        "hydra.sweeper.n_trials=10",
+        "hydra.sweeper.pruner=asha",
+        "hydra.sweeper.warmup_epochs=2",
+        "hydra.sweeper.test_best=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned = [t for t in _study(tmp_path).trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(pruned) >= 3
+    assert all(t.last_step == 2 for t in pruned)  # the only rung inside 4 epochs (the next is 8)
+
+
+@pytest.mark.parametrize("name", ["asha", "median"])
+def test_asha_keeps_the_top_quarter_at_its_rungs_and_judges_nowhere_else(name):
+    """At epoch warmup_epochs (then 4x, 16x, ...) successive halving keeps a trial only in the top quarter of those
+    that reached it, and between rungs it stops none; the median rule keeps the top half."""
+    study = optuna.create_study(direction="maximize", pruner=search.make_pruner(name, 2, 0, 10))
+
+    def trial(*values):
+        t = study.ask()
+        for epoch, value in enumerate(values, start=1):
+            t.report(value, epoch)
+            if t.should_prune():
+                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                return epoch
+        study.tell(t, values[-1])
+        return None
+
+    for v in (0.9, 0.8, 0.7, 0.6):
+        study.enqueue_trial({})
+        t = study.ask()
+        t.report(v, 1), t.report(v, 2), t.should_prune(), t.report(v, 3)  # records its value at the rung
+        study.tell(t, v)
+    assert trial(0.5, 0.85, 0.85) == (2 if name == "asha" else None)  # 2nd of 5 at epoch 2: not in the top quarter
+    assert trial(0.5, 0.95, 0.1) is None  # top at epoch 2, promoted; epoch 3 is no rung, nothing judges its drop
+
+
 def test_relaunch_resumes_the_study_and_runs_only_what_is_missing(tmp_path):
     first, lines1 = _search(
         tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=3", "hydra.sweeper.test_best=false", name="a"
@@ -167,10 +207,10 @@ def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
     assert cfg.model.hidden == 512 and cfg.trainer.epochs == 3
 
 
-@pytest.mark.parametrize("name", ["none", "median", "hyperband"])
+@pytest.mark.parametrize("name", ["none", "median", "asha", "hyperband"])
 def test_pruners(name):
     assert search.make_pruner(name, 1, 5, 10) is not None
-    with pytest.raises(search.SearchError, match="choose none, median or hyperband"):
+    with pytest.raises(search.SearchError, match="choose none, median, asha or hyperband"):
         search.make_pruner("asha2", 1, 5, 10)
 
 
