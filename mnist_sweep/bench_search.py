@@ -12,7 +12,10 @@ preset, which like the search uses no augmentation) among the finished runs of `
 mean validation accuracy over its seeds. Both the search and the reference are judged on validation accuracy,
 the only thing either was allowed to look at; test accuracy is shown beside it.
 
-``--report-only`` rewrites the report from the stores a previous run left in ``--workdir``.
+``--report-only`` rewrites the report from the stores a previous run left in ``--workdir``. ``--unpruned-from DIR``
+runs only the pruned search and takes the unpruned one from an earlier run's workdir with the same command
+(the unpruned search does not depend on the pruner, and is deterministic on a CPU): its study is copied, the
+relaunch finds every trial done and only tests the best, and the report says so.
 """
 
 from __future__ import annotations
@@ -78,6 +81,41 @@ def run_searches(a, workdir: Path) -> None:
         if rc != 0 and _unfinished(workdir, pruner, a.trials):
             tail = (workdir / f"search-{pruner}.log").read_text()[-3000:]
             raise SystemExit(f"the {pruner} search failed (exit {rc}):\n{tail}")
+
+
+_PER_RUN = ("--pruner", "--workdir", "--out", "--unpruned-from")
+
+
+def _same_searches(command: str) -> list[str]:
+    """The command's words that fix the searches: all but the pruner, where it writes, and --unpruned-from."""
+    words, kept = command.split(), []
+    for i, word in enumerate(words):
+        if word.split("=", 1)[0] in _PER_RUN or (i and words[i - 1] in _PER_RUN):
+            continue
+        kept.append(word)
+    return kept
+
+
+def copy_unpruned(source: Path, workdir: Path, command: str) -> None:
+    """Take the unpruned study of an earlier run of the same command (see the module's docstring)."""
+    import optuna
+
+    record = source / "searches.json"
+    if not record.exists():
+        raise SystemExit(f"--unpruned-from {source}: no searches.json there; give the workdir of an earlier run")
+    theirs = json.loads(record.read_text())["command"]
+    if _same_searches(theirs) != _same_searches(command):
+        raise SystemExit(f"--unpruned-from {source}: it ran other searches:\n  {theirs}\nnot\n  {command}")
+    try:
+        _load_study(workdir, "none")
+        return  # copied by an earlier launch of this command
+    except KeyError:
+        pass
+    optuna.copy_study(
+        from_study_name="bench-none",
+        from_storage=f"sqlite:///{source}/optuna.db",
+        to_storage=f"sqlite:///{workdir}/optuna.db",
+    )
 
 
 def _load_study(workdir: Path, pruner: str):
@@ -178,6 +216,16 @@ def markdown(a, setup: dict, summaries: dict[str, dict], ref: dict | None) -> st
         f"TPE seed {_tpe_seed(a.override)}, "
         f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
         "",
+        *(
+            [
+                f"The unpruned search was not run again here: its study was copied from `{setup['unpruned_from']}`, "
+                "the workdir of the same command with another pruner (`--unpruned-from`). Its relaunch found every "
+                "trial done and only tested the best trial; its times are that earlier run's.",
+                "",
+            ]
+            if setup.get("unpruned_from")
+            else []
+        ),
         "| search | trials | pruned | failed | epochs spent | best val acc % | its test acc % "
         "| trial time s | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -266,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="outputs/bench-search")
     parser.add_argument("--override", action="append", default=[], help="extra override for both searches")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--unpruned-from", default=None, help="an earlier run's workdir: reuse its unpruned search")
     parser.add_argument("--out", default=str(OUT))
     a = parser.parse_args(argv)
     workdir = Path(a.workdir).resolve()
@@ -282,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         from mnist_sweep.bench_sweeps import _machine, _versions
 
         setup = {"command": command, "machine": _machine(), "device": _device_name(a.device), "versions": _versions()}
+        if a.unpruned_from:
+            copy_unpruned(Path(a.unpruned_from).resolve(), workdir, command)
+            setup["unpruned_from"] = a.unpruned_from
         record.write_text(json.dumps(setup))
         run_searches(a, workdir)
     if not {"machine", "device", "versions"} <= setup.keys():  # a record from before those were kept

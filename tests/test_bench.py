@@ -148,6 +148,15 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     assert _search_rows(rebuilt) == rows and rebuilt.splitlines()[2] == text.splitlines()[2]  # same rows, command
     assert "Gap of the pruned search's best trial to it" in rebuilt
     assert re.search(r"epochs, data (as is|deskewed), seeds", rebuilt)  # what the reference trained on
+    # Another pruner against the same unpruned search: only the pruned one runs, the unpruned study is copied.
+    other = tmp_path / "asha.md"
+    asha = [a if a != str(work) else str(tmp_path / "asha") for a in args]
+    assert bench_search.main([*asha, "--pruner", "asha", "--unpruned-from", str(work), "--out", str(other)]) == 0
+    reused = _search_rows(other.read_text())
+    unpruned = reused["no pruning"]
+    assert unpruned[:5] == rows["no pruning"][:5] and unpruned[6:] == rows["no pruning"][6:]  # its test: re-run
+    assert int(reused["asha pruner"][0]) == 3
+    assert "The unpruned search was not run again here" in other.read_text()
 
 
 @pytest.mark.e2e
@@ -164,7 +173,11 @@ def test_bench_denormal_times_both_runs_side_by_side(tmp_path, mnist_root, cache
 
 
 def _search_rows(text: str) -> dict[str, list[str]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith(("| median pruner", "| no pruning"))]
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("| ") and ln.split("|")[1].strip().endswith(("pruner", "no pruning"))
+    ]
     return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines}
 
 
@@ -196,3 +209,30 @@ def test_bench_search_counts_diverged_and_interrupted_trials_apart(tmp_path):
 def test_bench_search_reports_the_tpe_seed_the_searches_used():
     assert bench_search._tpe_seed(["model.hidden=choice(64,128)"]) == "0"  # the sweeper's default
     assert bench_search._tpe_seed(["hydra.sweeper.seed=1", "trainer.epochs=3", "hydra.sweeper.seed=7"]) == "7"
+
+
+def test_bench_search_reuses_the_unpruned_study_of_the_same_command_only(tmp_path):
+    import json
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    earlier, here = tmp_path / "earlier", tmp_path / "here"
+    earlier.mkdir(), here.mkdir()
+    common = "python -m mnist_sweep.bench_search --trials 40 --override hydra.sweeper.seed=3"
+    (earlier / "searches.json").write_text(json.dumps({"command": f"{common} --pruner median --workdir {earlier}"}))
+    study = optuna.create_study(study_name="bench-none", storage=f"sqlite:///{earlier}/optuna.db")
+    trial = study.ask()
+    trial.report(0.97, 1)
+    study.tell(trial, 0.97)
+
+    with pytest.raises(SystemExit, match="it ran other searches"):  # another TPE seed: another unpruned search
+        bench_search.copy_unpruned(earlier, here, f"python -m mnist_sweep.bench_search --trials 40 --workdir {here}")
+    with pytest.raises(SystemExit, match="no searches.json"):
+        bench_search.copy_unpruned(here, tmp_path, common)
+    command = f"{common} --pruner asha --workdir {here} --out x.md --unpruned-from {earlier}"
+    bench_search.copy_unpruned(earlier, here, command)
+    bench_search.copy_unpruned(earlier, here, command)  # a relaunch keeps the copy it made
+    copied = bench_search._load_study(here, "none").trials
+    assert [(t.value, t.intermediate_values) for t in copied] == [(0.97, {1: 0.97})]
+    assert not bench_search._unfinished(here, "none", 1)
