@@ -5,7 +5,7 @@ many epochs does pruning save? Writes docs/BENCHMARKS-search.md.
         --reference-experiment results --reference-uri sqlite:///mlruns/mlflow.db
 
 Side by side, in one run: the same ``experiment=search`` (same space, same TPE seed, same trial budget and
-epochs) launched twice at the same time, once with a pruner (``--pruner``: median, as the search preset uses, asha
+epochs) launched twice at the same time, once with a pruner (``--pruner``: median, asha, as the search preset uses,
 or hyperband) and once with ``pruner=none``. The epochs each spent are counted from the Optuna study (one
 intermediate value per epoch a trial ran). The reference is the recipe ``--reference-recipe`` (the ``best``
 preset, which like the search uses no augmentation) among the finished runs of ``--reference-experiment``, by
