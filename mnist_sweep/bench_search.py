@@ -216,16 +216,15 @@ def markdown(a, setup: dict, summaries: dict[str, dict], ref: dict | None) -> st
         f"TPE seed {_tpe_seed(a.override)}, "
         f"{a.jobs} trial(s) at a time, launched together (side by side). Epochs are counted from the Optuna study.",
         "",
-        *(
-            [
-                f"The unpruned search was not run again here: its study was copied from `{setup['unpruned_from']}`, "
-                "the workdir of the same command with another pruner (`--unpruned-from`). Its relaunch found every "
-                "trial done and only tested the best trial; its times are that earlier run's.",
-                "",
-            ]
-            if setup.get("unpruned_from")
-            else []
-        ),
+    ]
+    if setup.get("unpruned_from"):
+        lines += [
+            f"The unpruned search was not run again here: its study was copied from `{setup['unpruned_from']}`, "
+            "the workdir of the same command with another pruner (`--unpruned-from`). Its relaunch found every "
+            "trial done and only tested the best trial; its times are that earlier run's.",
+            "",
+        ]
+    lines += [
         "| search | trials | pruned | failed | epochs spent | best val acc % | its test acc % "
         "| trial time s | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
