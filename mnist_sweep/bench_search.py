@@ -5,9 +5,9 @@ many epochs does pruning save? Writes docs/BENCHMARKS-search.md.
         --reference-experiment results --reference-uri sqlite:///mlruns/mlflow.db
 
 Side by side, in one run: the same ``experiment=search`` (same space, same TPE seed, same trial budget and
-epochs) launched twice at the same time, once with a pruner (``--pruner``: median, asha, as the search preset uses,
-or hyperband) and once with ``pruner=none``. The epochs each spent are counted from the Optuna study (one
-intermediate value per epoch a trial ran). The reference is the recipe ``--reference-recipe`` (the ``best``
+epochs) launched twice at the same time, once with a pruner (``--pruner``: asha, the search preset's and the
+default, median or hyperband) and once with ``pruner=none``. The epochs each spent are counted from the Optuna
+study (one intermediate value per epoch a trial ran). The reference is the recipe ``--reference-recipe`` (the ``best``
 preset, which like the search uses no augmentation) among the finished runs of ``--reference-experiment``, by
 mean validation accuracy over its seeds. Both the search and the reference are judged on validation accuracy,
 the only thing either was allowed to look at; test accuracy is shown beside it.
@@ -301,10 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=str(default_root if default_root.exists() else REPO / "data"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument(
-        "--pruner", default="median", choices=["median", "asha", "hyperband"], help="the pruned search's"
-    )
+    # The defaults are the search preset's (conf/experiment/search.yaml): a bare run measures the preset.
+    parser.add_argument("--epochs", type=int, default=10, help="per trial, at most")
+    parser.add_argument("--pruner", default="asha", choices=["median", "asha", "hyperband"], help="the pruned search's")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once in each search (joblib)")
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///WORKDIR/mlflow.db")
     parser.add_argument("--reference-experiment", default=None, help="MLflow experiment holding the preset grid")
@@ -320,7 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     a.data_root = str(Path(a.data_root).resolve())
     a.tracking_uri = a.tracking_uri or f"sqlite:///{workdir}/mlflow.db"
-    command = " ".join(["python -m mnist_sweep.bench_search", *(sys.argv[1:] if argv is None else argv)])
+    words = list(sys.argv[1:] if argv is None else argv)
+    # The report's command names the pruner and the epochs even when they were the defaults, so that it still
+    # means the same searches after a default changes (the pruner's was median before the preset took asha).
+    given = {w.split("=", 1)[0] for w in words}
+    words += [
+        w
+        for flag, value in (("--pruner", a.pruner), ("--epochs", a.epochs))
+        if flag not in given
+        for w in (flag, str(value))
+    ]
+    command = " ".join(["python -m mnist_sweep.bench_search", *words])
 
     # What ran, and where: --report-only reports it, also on another machine than the one that ran it.
     record = workdir / "searches.json"

@@ -136,7 +136,8 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     rows = _search_rows(text)
     trials, pruned, failed, epochs = (int(rows["no pruning"][i]) for i in range(4))
     assert (trials, pruned, failed, epochs) == (3, 0, 0, 6)  # no pruning: every trial runs every epoch
-    assert int(rows["median pruner"][0]) == 3 and int(rows["median pruner"][3]) <= 6
+    assert int(rows["asha pruner"][0]) == 3 and int(rows["asha pruner"][3]) <= 6  # the preset's pruner by default
+    assert f"--out {out} --pruner asha`" in text  # the default, named in the report's command all the same
     trial_s, wall_s = (float(rows["no pruning"][i]) for i in (6, 7))
     assert 0 < wall_s <= trial_s + 1  # one trial at a time: the wall time is the trials' (rounded)
     assert "Pruning saved" in text and "python -m mnist_sweep.bench_search --data-root" in text
@@ -149,13 +150,14 @@ def test_bench_search_runs_both_searches_side_by_side_and_counts_their_epochs(tm
     assert "Gap of the pruned search's best trial to it" in rebuilt
     assert re.search(r"epochs, data (as is|deskewed), seeds", rebuilt)  # what the reference trained on
     # Another pruner against the same unpruned search: only the pruned one runs, the unpruned study is copied.
-    other = tmp_path / "asha.md"
-    asha = [a if a != str(work) else str(tmp_path / "asha") for a in args]
-    assert bench_search.main([*asha, "--pruner", "asha", "--unpruned-from", str(work), "--out", str(other)]) == 0
+    other = tmp_path / "median.md"
+    median = [a if a != str(work) else str(tmp_path / "median") for a in args]
+    assert bench_search.main([*median, "--pruner", "median", "--unpruned-from", str(work), "--out", str(other)]) == 0
     reused = _search_rows(other.read_text())
     unpruned = reused["no pruning"]
     assert unpruned[:5] == rows["no pruning"][:5] and unpruned[6:] == rows["no pruning"][6:]  # its test: re-run
-    assert int(reused["asha pruner"][0]) == 3
+    assert int(reused["median pruner"][0]) == 3
+    assert other.read_text().count("--pruner") == 1  # given, so not added
     assert "The unpruned search was not run again here" in other.read_text()
 
 
