@@ -35,6 +35,7 @@ class Augment:
         self.strength = strength
         self.rotate, self.shear, self.scale, self.shift = rotate, shear, scale, shift
         self.alpha, self.sigma = elastic_alpha, elastic_sigma
+        self._bases: dict[tuple, torch.Tensor] = {}  # the elastic field's linear map, per image size and device
 
     @property
     def active(self) -> bool:
@@ -74,22 +75,47 @@ class Augment:
 
     def _elastic(self, b: int, h: int, w: int, s: float, device) -> torch.Tensor:
         # Simard's field is white noise blurred by a Gaussian of width sigma: it varies over ~sigma pixels, so
-        # it is drawn on a grid `stride` = sigma pixels apart (7x7 for 28x28 at sigma 4), blurred there by a
-        # Gaussian of sigma / stride cells (the same correlation at the grid points), and interpolated up
-        # (bicubic). That is ~10x cheaper on a CPU than blurring at full size with a 25-tap kernel.
+        # it is drawn on a coarse grid (see _smooth) and made smooth and full-size by one fixed linear map.
+        basis = self._basis(h, w, device)  # [coarse points, h * w]
+        noise = torch.rand(b * 2, basis.shape[0], device=device) * 2 - 1
+        return self._to_grid(noise @ basis, b, h, w, s)
+
+    def _to_grid(self, field: torch.Tensor, b: int, h: int, w: int, s: float) -> torch.Tensor:
+        """Smooth fields [2B, H * W] (dx then dy of each image) -> displacements of the sampling grid."""
+        field = field / field.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)  # peak displacement 1
+        field = field.view(b, 2, h, w).permute(0, 2, 3, 1)  # -> [B, H, W, (dx, dy)] like the grid
+        pixels_to_grid = torch.tensor([2 / w, 2 / h], device=field.device)
+        return field * self.alpha * s * pixels_to_grid
+
+    def _coarse(self, h: int, w: int) -> tuple[int, int]:
+        """The coarse grid the noise is drawn on: points ``sigma`` pixels apart (8x8 for 28x28 at sigma 4)."""
         stride = max(1, int(self.sigma))
-        gh, gw = -(-(h - 1) // stride) + 1, -(-(w - 1) // stride) + 1
-        noise = torch.rand(b * 2, 1, gh, gw, device=device) * 2 - 1
-        sigma = self.sigma / stride
+        return -(-(h - 1) // stride) + 1, -(-(w - 1) // stride) + 1
+
+    def _smooth(self, noise: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Coarse white noise [N, 1, gh, gw] -> a smooth field [N, 1, h, w].
+
+        The noise is blurred on the coarse grid by a Gaussian of sigma / stride cells (the same correlation at
+        the grid points as sigma pixels at full size) and interpolated up (bicubic): ~10x cheaper than blurring
+        at full size with a 25-tap kernel.
+        """
+        sigma = self.sigma / max(1, int(self.sigma))
         radius = max(1, int(3 * sigma))
-        t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        t = torch.arange(-radius, radius + 1, device=noise.device, dtype=noise.dtype)
         kernel = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = kernel / kernel.sum()
         # A separable Gaussian blur turns white noise into a smooth displacement field.
         field = F.conv2d(F.pad(noise, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
         field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-        field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
-        field = field / field.abs().amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)  # peak displacement 1
-        field = field.view(b, 2, h, w).permute(0, 2, 3, 1)  # -> [B, H, W, (dx, dy)] like the grid
-        pixels_to_grid = torch.tensor([2 / w, 2 / h], device=device)
-        return field * self.alpha * s * pixels_to_grid
+        return F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
+
+    def _basis(self, h: int, w: int, device) -> torch.Tensor:
+        """_smooth as a matrix [gh * gw, h * w]: padding, blur and interpolation are all linear in the noise,
+        so _smooth of each coarse point alone, stacked, maps any noise to its field in one matmul - a third of
+        the cost of running _smooth on every batch (``python -m mnist_sweep.bench_augment``)."""
+        key = (h, w, self.sigma, str(device))
+        if key not in self._bases:
+            gh, gw = self._coarse(h, w)
+            points = torch.eye(gh * gw, device=device).view(gh * gw, 1, gh, gw)
+            self._bases[key] = self._smooth(points, h, w).view(gh * gw, h * w)
+        return self._bases[key]

@@ -68,3 +68,14 @@ def test_elastic_field_has_simards_smoothness_and_peak():
     for d in (2, 4, 8):
         corr = torch.corrcoef(torch.stack([dx[:, 12, 6], dx[:, 12, 6 + d]]))[0, 1].item()
         assert abs(corr - math.exp(-(d**2) / (4 * sigma**2))) < 0.06, (d, corr)
+
+
+@pytest.mark.parametrize("sigma", [4.0, 2.5, 1.0])
+def test_elastic_matrix_is_the_blur_and_interpolation_it_replaces(sigma):
+    """The field by one matmul equals blurring and interpolating each noise (the per-batch way) on any noise."""
+    aug = Augment(elastic_alpha=2.5, elastic_sigma=sigma)
+    gh, gw = aug._coarse(28, 28)
+    noise = torch.rand(64, 1, gh, gw, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    by_matrix = noise.flatten(1) @ aug._basis(28, 28, "cpu")
+    assert torch.allclose(by_matrix, aug._smooth(noise, 28, 28).flatten(1), atol=1e-5)
+    assert aug._basis(28, 28, "cpu") is aug._basis(28, 28, "cpu")  # made once, then reused

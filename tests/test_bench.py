@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_loaders
-from mnist_sweep import bench, bench_denormal, bench_search, model, training
+from mnist_sweep import bench, bench_augment, bench_denormal, bench_search, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -238,3 +238,16 @@ def test_bench_search_reuses_the_unpruned_study_of_the_same_command_only(tmp_pat
     copied = bench_search._load_study(here, "none").trials
     assert [(t.value, t.intermediate_values) for t in copied] == [(0.97, {1: 0.97})]
     assert not bench_search._unfinished(here, "none", 1)
+
+
+def test_bench_augment_times_both_elastic_fields_beside_a_training_step(tmp_path):
+    out = tmp_path / "BENCHMARKS-augment.md"
+    assert bench_augment.main(["--rounds", "1", "--calls", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "python -m mnist_sweep.bench_augment --rounds 1 --calls 2" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| distortion", "| training step"))]
+    assert len(rows) == 3 and float(rows[2].split("|")[4]) == 1.0  # the step is the unit
+    diff = float(re.search(r"largest pixel difference ([\d.e+-]+)", text)[1])
+    assert diff < 1e-4  # the same images both ways
+    with pytest.raises(SystemExit, match="does not augment"):
+        bench_augment.main(["--preset", "speedrun", "--out", str(out)])
