@@ -162,10 +162,28 @@ def rows_from(records: list[dict]) -> list[dict]:
                 "val": _measured(members, "best_val/acc", "val/acc"),
                 "train_s": _measured(members, "train_time_s"),
                 "runs": [r["run_id"] for r in members],
+                "params": params,
             }
         )
+    _name_hidden_differences(rows)
     rows.sort(key=lambda r: statistics.fmean(r["test"]), reverse=True)
     return rows
+
+
+SHOWN = ("recipe", "model", "optimizer", "epochs", "batch", "data", "device")
+
+
+def _name_hidden_differences(rows: list[dict]) -> None:
+    """Rows that the table's columns would show alike (they differ in a key it has no column for, such as
+    trainer.label_smoothing) name those keys after the recipe, so no two rows read the same."""
+    alike: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        alike[tuple(str(row[c]) for c in SHOWN)].append(row)
+    for group in alike.values():
+        keys = set().union(*(r["params"] for r in group)) if len(group) > 1 else set()
+        differing = sorted(k for k in keys if len({r["params"].get(k) for r in group}) > 1)
+        for row in group if differing else ():
+            row["recipe"] += " (" + ", ".join(f"{k}={row['params'].get(k, '-')}" for k in differing) + ")"
 
 
 def markdown(rows: list[dict], command: str, how: str = "") -> str:

@@ -108,3 +108,19 @@ def test_runs_outlive_their_store_through_the_runs_file(tmp_path):
     # without the file, only the store counts
     results.main(["--tracking-uri", second, "--experiment", "e", "--out", str(out), "--runs", ""])
     assert "| 1 | 99.40 |" in out.read_text()
+
+
+def test_rows_the_columns_show_alike_name_what_sets_them_apart(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    for seed in (0, 1):
+        _run(client, exp, seed, 1024, 0.99, **{"trainer.label_smoothing": 0.1})
+    _run(client, exp, 0, 1024, 0.98, **{"trainer.label_smoothing": 0.0})  # no column for it
+    _run(client, exp, 0, 512, 0.97, **{"trainer.label_smoothing": 0.0})  # told apart by its width already
+    rows = results.collect(uri, "e")
+    assert [r["recipe"] for r in rows] == [
+        "best (trainer.label_smoothing=0.1)",
+        "best (trainer.label_smoothing=0.0)",
+        "best",
+    ]
