@@ -118,13 +118,13 @@ def markdown(command: str, preset: str, rounds: int, calls: int, r: dict) -> str
                 ms["per_batch"],
                 *r["spread"]["per_batch"],
                 ms["per_batch"] / ms["step"],
-            ),  # fmt: skip
+            ),
             row.format(
                 "distortion, elastic field by its matrix (now)",
                 ms["matrix"],
                 *r["spread"]["matrix"],
                 ms["matrix"] / ms["step"],
-            ),  # fmt: skip
+            ),
             row.format("training step: forward, backward, optimiser", ms["step"], *r["spread"]["step"], 1.0),
             "",
             f"**The matrix makes the distortion {ms['per_batch'] / ms['matrix']:.1f}x faster, and a distorted "
