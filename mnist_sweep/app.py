@@ -393,11 +393,13 @@ def _save_artifacts(out_dir, cfg, net, model_args, d, classes, rows, test, plots
     )
 
 
-def _augmenter(a):
-    """The training batches' distortion (mnist_sweep/augment.py), or None when data.augment.strength is 0."""
+def _augmenter(a, kind=None):
+    """The training batches' distortion (mnist_sweep/augment.py), or None when data.augment.strength is 0.
+
+    ``kind``: an Augment subclass to build instead (bench_augment times the old elastic field that way)."""
     from mnist_sweep.augment import Augment
 
-    augment = Augment(a.strength, a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha, a.elastic_sigma)
+    augment = (kind or Augment)(a.strength, a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha, a.elastic_sigma)
     return augment if augment.active else None
 
 

@@ -51,8 +51,7 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
     matrix = _augmenter(settings.data.augment)
     if matrix is None:
         raise SystemExit(f"experiment={preset} does not augment (data.augment.strength=0): nothing to time")
-    a = settings.data.augment
-    per_batch = PerBatchElastic(a.strength, a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha, a.elastic_sigma)
+    per_batch = _augmenter(settings.data.augment, PerBatchElastic)
     b, device = settings.data.batch_size, torch.device("cpu")
     x, y = torch.randn(b, 1, 28, 28), torch.randint(0, 10, (b,))
 
@@ -82,7 +81,6 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
             times[name].append(_ms_per_call(fn, calls))
     return {
         "settings": settings,
-        "batch": b,
         "max_diff": same,
         "ms": {k: statistics.median(v) for k, v in times.items()},
         "spread": {k: (min(v), max(v)) for k, v in times.items()},
@@ -92,7 +90,8 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
 def markdown(command: str, preset: str, rounds: int, calls: int, r: dict) -> str:
     from mnist_sweep.bench_sweeps import _machine, _versions
 
-    ms, s, b = r["ms"], r["settings"], r["batch"]
+    ms, s = r["ms"], r["settings"]
+    b = s.data.batch_size
     n_train = 60_000 - s.data.val_size
     steps = -(-n_train // b)
     old_step, new_step = ms["per_batch"] + ms["step"], ms["matrix"] + ms["step"]

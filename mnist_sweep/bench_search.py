@@ -323,12 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     # The report's command names the pruner and the epochs even when they were the defaults, so that it still
     # means the same searches after a default changes (the pruner's was median before the preset took asha).
     given = {w.split("=", 1)[0] for w in words}
-    words += [
-        w
-        for flag, value in (("--pruner", a.pruner), ("--epochs", a.epochs))
-        if flag not in given
-        for w in (flag, str(value))
-    ]
+    for flag, value in (("--pruner", a.pruner), ("--epochs", a.epochs)):
+        if flag not in given:
+            words += [flag, str(value)]
     command = " ".join(["python -m mnist_sweep.bench_search", *words])
 
     # What ran, and where: --report-only reports it, also on another machine than the one that ran it.

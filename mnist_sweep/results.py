@@ -180,9 +180,11 @@ def _name_hidden_differences(rows: list[dict]) -> None:
     for row in rows:
         alike[tuple(str(row[c]) for c in SHOWN)].append(row)
     for group in alike.values():
-        keys = set().union(*(r["params"] for r in group)) if len(group) > 1 else set()
+        if len(group) < 2:
+            continue
+        keys = set().union(*(r["params"] for r in group))
         differing = sorted(k for k in keys if len({r["params"].get(k) for r in group}) > 1)
-        for row in group if differing else ():
+        for row in group:
             row["recipe"] += " (" + ", ".join(f"{k}={row['params'].get(k, '-')}" for k in differing) + ")"
 
 
