@@ -31,11 +31,15 @@ class Augment:
         shift: float = 0.1,
         elastic_alpha: float = 0.0,
         elastic_sigma: float = 4.0,
+        generator: torch.Generator | None = None,
     ):
         self.strength = strength
         self.rotate, self.shear, self.scale, self.shift = rotate, shear, scale, shift
         self.alpha, self.sigma = elastic_alpha, elastic_sigma
         self._bases: dict[tuple, torch.Tensor] = {}  # the elastic field's linear map, per image size and device
+        # Where the random numbers come from: torch's global generator (seeded by the run's seed) in training;
+        # a generator of its own where the distortions must not disturb the run's random stream (bench_tta).
+        self.generator = generator
 
     @property
     def active(self) -> bool:
@@ -57,7 +61,7 @@ class Augment:
 
     def _affine(self, b: int, s: float, device) -> torch.Tensor:
         def uniform(limit: float) -> torch.Tensor:
-            return (torch.rand(b, device=device) * 2 - 1) * limit * s
+            return (torch.rand(b, device=device, generator=self.generator) * 2 - 1) * limit * s
 
         angle = uniform(math.radians(self.rotate))
         shear = uniform(math.radians(self.shear))
@@ -77,7 +81,7 @@ class Augment:
         # Simard's field is white noise blurred by a Gaussian of width sigma: it varies over ~sigma pixels, so
         # it is drawn on a coarse grid (see _smooth) and made smooth and full-size by one fixed linear map.
         basis = self._basis(h, w, device)  # [coarse points, h * w]
-        noise = torch.rand(b * 2, basis.shape[0], device=device) * 2 - 1
+        noise = torch.rand(b * 2, basis.shape[0], device=device, generator=self.generator) * 2 - 1
         return self._to_grid(noise @ basis, b, h, w, s)
 
     def _to_grid(self, field: torch.Tensor, b: int, h: int, w: int, s: float) -> torch.Tensor:

@@ -110,8 +110,20 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int = 10, precision: str = "fp32"):
-    """Loss, accuracy and confusion matrix over a whole split. Sums stay on the device until the end."""
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    num_classes: int = 10,
+    precision: str = "fp32",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    views: int = 0,
+):
+    """Loss, accuracy and confusion matrix over a whole split. Sums stay on the device until the end.
+
+    With ``augment`` and ``views``: test-time augmentation. Each image's class probabilities are averaged over
+    the image itself and ``views`` distorted copies of it (``python -m mnist_sweep.bench_tta`` measures it).
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
@@ -120,6 +132,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int = 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
+            if augment is not None and views > 0:
+                probs = logits.float().softmax(-1)
+                for _ in range(views):
+                    probs += model(augment(x)).float().softmax(-1)
+                # The log of the mean probabilities: cross-entropy on it is the averaged vote's loss.
+                logits = (probs / (views + 1)).log()
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         n += len(y)

@@ -79,3 +79,18 @@ def test_elastic_matrix_is_the_blur_and_interpolation_it_replaces(sigma):
     by_matrix = noise.flatten(1) @ aug._basis(28, 28, "cpu")
     assert torch.allclose(by_matrix, aug._smooth(noise, 28, 28).flatten(1), atol=1e-5)
     assert aug._basis(28, 28, "cpu") is aug._basis(28, 28, "cpu")  # made once, then reused
+
+
+def test_a_generator_of_its_own_repeats_the_distortions_and_leaves_the_global_stream_alone():
+    x = _digits()
+    augment = Augment(strength=1.0, elastic_alpha=3.0)
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    augment.generator = torch.Generator().manual_seed(1)
+    first = augment(x)
+    assert torch.equal(torch.rand(1), before)  # the run's own random stream did not move
+    augment.generator = torch.Generator().manual_seed(1)
+    assert torch.equal(augment(x), first)
+    augment.generator = torch.Generator().manual_seed(2)
+    assert not torch.equal(augment(x), first)

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from conftest import tiny_loaders
-from mnist_sweep import bench, bench_augment, bench_denormal, bench_search, model, training
+from conftest import tiny_loaders, train_py
+from mnist_sweep import bench, bench_augment, bench_denormal, bench_search, bench_tta, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -251,3 +251,24 @@ def test_bench_augment_times_both_elastic_fields_beside_a_training_step(tmp_path
     assert diff < 1e-4  # the same images both ways
     with pytest.raises(SystemExit, match="does not augment"):
         bench_augment.main(["--preset", "speedrun", "--out", str(out)])
+
+
+def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path, mnist_root, cache_dir):
+    args = ["trainer.epochs=1", "model.hidden=32", "model.depth=1", "data.augment.strength=1", "mlflow.log_model=false"]
+    proc = train_py(*args, f"data.root={mnist_root}", f"data.cache_dir={cache_dir}", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val, test = (float(re.search(rf"{k}/acc (\d\.\d+)", proc.stdout)[1]) for k in ("val", "test"))
+    out = tmp_path / "BENCHMARKS-tta.md"
+    run = str(tmp_path / "run")
+    assert bench_tta.main([run, "--views", "2", "--strengths", "0.5", "1", "--test", "0.5", "--out", str(out)]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith(f"| `{run}`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0" and len(cells) == 7  # run, seed, val plain / 0.5 / 1, test plain / 0.5
+    # Plain scoring reproduces what the run itself reported: the same net, on the same split.
+    assert float(cells[2]) == pytest.approx(100 * val, abs=0.006)
+    assert float(cells[5]) == pytest.approx(100 * test, abs=0.006)
+    assert cells[3] != cells[4]  # the strengths distort differently
+    with pytest.raises(SystemExit):
+        bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
+    with pytest.raises(SystemExit, match="not found"):
+        bench_tta.main([str(tmp_path), "--out", str(out)])

@@ -1,0 +1,166 @@
+"""Test-time augmentation (TTA): does a trained net vote better over distorted copies of each image?
+
+    python -m mnist_sweep.bench_tta RUN_DIR [RUN_DIR ...]          # validation only
+    python -m mnist_sweep.bench_tta RUN_DIR [RUN_DIR ...] --test S  # and the test set, for the chosen strength S
+
+Each RUN_DIR is a finished run's output folder (``outputs/...``: it holds ``checkpoint/model.pt`` and
+``.hydra/overrides.yaml``). Its net is rebuilt from the checkpoint and its data from its overrides, so it is
+scored on the very validation split it was chosen on. Each validation image is scored as it is, then with TTA:
+the class probabilities averaged over the image and ``--views`` distorted copies, at each of ``--strengths``
+(multiples of the run's own ``data.augment`` magnitudes). The copies come from a generator seeded with
+``--tta-seed``, so a rerun gives the same numbers.
+
+The choice is made on validation only: the test set is scored only with ``--test S``, for the one strength
+chosen, beside the plain test accuracy the run reported. Writes docs/BENCHMARKS-tta.md (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Scored:
+    run: str
+    seed: int
+    val: dict[float, float]  # strength (0 = plain) -> accuracy
+    test: dict[float, float]
+    seconds: dict[float, float]  # strength -> seconds to score the validation split
+
+
+def load_run(folder: Path, device: str, root: str | None):
+    """The run's settings (from its overrides), net (from its checkpoint) and data loaders."""
+    from mnist_sweep import model
+    from mnist_sweep.app import make_loaders
+    from mnist_sweep.bench import compose
+
+    ckpt_path, overrides_path = folder / "checkpoint" / "model.pt", folder / ".hydra" / "overrides.yaml"
+    for path in (ckpt_path, overrides_path):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: give the output folder of a finished run (outputs/...)")
+    # Hydra's own settings (a launcher, say) do not change the data or the net.
+    overrides = [o for o in OmegaConf.load(overrides_path) if not o.lstrip("+~").startswith("hydra")]
+    overrides += [f"device={device}"] + ([f"data.root={root}"] if root else [])
+    _, settings = compose(overrides)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    net = model.build(**ckpt["model_args"])
+    net.load_state_dict(ckpt["state_dict"])
+    dev = torch.device("cpu" if device == "cpu" else device)
+    loaders = make_loaders(settings, dev, torch.Generator().manual_seed(0))
+    if not len(loaders.val):
+        raise SystemExit(f"{folder} ran without a validation split (data.val_size=0): nothing to choose on")
+    return settings, net.to(dev).eval(), loaders, dev
+
+
+def score(folder: Path, strengths: list[float], views: int, test: float | None, a) -> Scored:
+    from mnist_sweep import training
+    from mnist_sweep.app import _augmenter
+
+    settings, net, loaders, dev = load_run(folder, a.device, a.data_root)
+    classes, precision = len(loaders.classes), settings.trainer.precision
+
+    def evaluate(loader, strength: float) -> float:
+        if strength == 0:
+            return training.evaluate(net, loader, dev, classes, precision).acc
+        magnitudes = dataclasses.replace(settings.data.augment, strength=strength)
+        augment = _augmenter(magnitudes)
+        if augment is None:
+            raise SystemExit(f"{folder}: data.augment has no distortion to apply at test time")
+        augment.generator = torch.Generator(dev).manual_seed(a.tta_seed)
+        return training.evaluate(net, loader, dev, classes, precision, augment, views).acc
+
+    result = Scored(str(folder), settings.seed, {}, {}, {})
+    for s in [0.0, *strengths]:
+        t0 = time.perf_counter()
+        result.val[s] = evaluate(loaders.val, s)
+        result.seconds[s] = time.perf_counter() - t0
+        print(f"{folder}: val acc {result.val[s]:.4f} at strength {s} ({result.seconds[s]:.1f} s)", file=sys.stderr)
+    if test is not None:
+        for s in (0.0, test):
+            result.test[s] = evaluate(loaders.test, s)
+    return result
+
+
+def markdown(command: str, views: int, strengths: list[float], test: float | None, rows: list[Scored]) -> str:
+    from mnist_sweep.bench_sweeps import _machine, _versions
+
+    columns = [0.0, *strengths]
+
+    def name(s: float) -> str:
+        return "plain" if s == 0 else f"TTA {s:g}"
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f}"
+
+    head = ["run", "seed", *(f"val {name(s)}" for s in columns)]
+    if test is not None:
+        head += ["test plain", f"test {name(test)}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [f"`{r.run}`", str(r.seed), *(pct(r.val[s]) for s in columns)]
+        cells += [pct(r.test[0.0]), pct(r.test[test])] if test is not None else []
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = {s: statistics.mean(r.val[s] for r in rows) for s in columns}
+    cells = ["mean", "", *(pct(mean[s]) for s in columns)]
+    if test is not None:
+        cells += [pct(statistics.mean(r.test[s] for r in rows)) for s in (0.0, test)]
+    lines.append("| " + " | ".join(cells) + " |")
+    best = max(strengths, key=lambda s: mean[s]) if strengths else 0.0
+    cost = statistics.mean(r.seconds[best] / r.seconds[0.0] for r in rows) if strengths else 1.0
+    return "\n".join(
+        [
+            "# Test-time augmentation",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {_machine()}. {_versions()}.",
+            "",
+            f"Each run's validation split scored as it is (plain) and with test-time augmentation (TTA {{strength}}): "
+            f"the class probabilities averaged over the image and {views} distorted copies, the run's own "
+            "data.augment magnitudes times the strength. Accuracies in %.",
+            "",
+            *lines,
+            "",
+            f"Best on validation: {name(best)}, {pct(mean[best] - mean[0.0])} points over plain "
+            f"(mean of {len(rows)} runs), at {cost:.1f}x the plain evaluation's time.",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished runs' output folders")
+    parser.add_argument("--views", type=int, default=8, help="distorted copies per image, beside the image")
+    parser.add_argument("--strengths", type=float, nargs="*", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--test", type=float, default=None, metavar="S", help="score the test set at strength S")
+    parser.add_argument("--tta-seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="where the MNIST files are, if not where the runs read them")
+    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS-tta.md"))
+    a = parser.parse_args(argv)
+    if a.views < 1 or any(s <= 0 for s in a.strengths):
+        parser.error("--views must be 1 or more and every --strengths value above 0")
+    if a.test is not None and a.test not in a.strengths:
+        parser.error(f"--test {a.test}: choose one of --strengths {a.strengths} (on validation) first")
+    command = " ".join(["python -m mnist_sweep.bench_tta", *(sys.argv[1:] if argv is None else argv)])
+    rows = [score(folder, a.strengths, a.views, a.test, a) for folder in a.runs]
+    text = markdown(command, a.views, a.strengths, a.test, rows)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
