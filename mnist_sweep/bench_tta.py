@@ -12,6 +12,9 @@ the class probabilities averaged over the image and ``--views`` distorted copies
 
 The choice is made on validation only: the test set is scored only with ``--test S``, for the one strength
 chosen, beside the plain test accuracy the run reported. Writes docs/BENCHMARKS-tta.md (``--out``).
+
+``--ensemble`` adds one more row: the runs' nets voting together (their probabilities averaged, no TTA), an
+ensemble of N nets that cost N runs' training time.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Scored:
     val: dict[float, float]  # strength (0 = plain) -> accuracy
     test: dict[float, float]
     seconds: dict[float, float]  # strength -> seconds to score the validation split
+    # --ensemble: split -> (plain probabilities, labels)
+    votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def load_run(folder: Path, device: str, root: str | None):
@@ -88,7 +93,35 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
     if test is not None:
         for s in (0.0, test):
             result.test[s] = evaluate(loaders.test, s)
+    if a.ensemble:
+        splits = {"val": loaders.val, **({"test": loaders.test} if test is not None else {})}
+        result.votes = {k: _probabilities(net, loader, dev, precision) for k, loader in splits.items()}
     return result
+
+
+@torch.inference_mode()
+def _probabilities(net, loader, dev, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's class probabilities [N, classes] and its label [N], in the loader's order."""
+    from mnist_sweep import training
+
+    probs, labels = [], []
+    for x, y in loader:
+        with training.autocast(dev, precision):
+            probs.append(net(x.to(dev)).float().softmax(-1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def ensemble(rows: list[Scored]) -> dict[str, float]:
+    """The accuracy of the runs' mean vote on each split they were all scored on."""
+    out = {}
+    for split in rows[0].votes:
+        labels = rows[0].votes[split][1]
+        if any(not torch.equal(r.votes[split][1], labels) for r in rows):
+            raise SystemExit(f"the runs' {split} splits differ (data.split_seed, data.val_size): no common vote")
+        mean = torch.stack([r.votes[split][0] for r in rows]).mean(0)
+        out[split] = (mean.argmax(1) == labels).sum().item() / len(labels)
+    return out
 
 
 def markdown(command: str, views: int, strengths: list[float], test: float | None, rows: list[Scored]) -> str:
@@ -115,6 +148,11 @@ def markdown(command: str, views: int, strengths: list[float], test: float | Non
     if test is not None:
         cells += [pct(statistics.mean(r.test[s] for r in rows)) for s in (0.0, test)]
     lines.append("| " + " | ".join(cells) + " |")
+    if rows[0].votes:
+        voted = ensemble(rows)
+        cells = [f"ensemble of the {len(rows)} nets (mean vote)", "", pct(voted["val"]), *["-"] * len(strengths)]
+        cells += [pct(voted["test"]), "-"] if test is not None else []
+        lines.append("| " + " | ".join(cells) + " |")
     best = max(strengths, key=lambda s: mean[s]) if strengths else 0.0
     cost = statistics.mean(r.seconds[best] / r.seconds[0.0] for r in rows) if strengths else 1.0
     return "\n".join(
@@ -132,7 +170,7 @@ def markdown(command: str, views: int, strengths: list[float], test: float | Non
             *lines,
             "",
             f"Best on validation: {name(best)}, {pct(mean[best] - mean[0.0])} points over plain "
-            f"(mean of {len(rows)} runs), at {cost:.1f}x the plain evaluation's time.",
+            f"(mean of {len(rows)} run{'s' if len(rows) > 1 else ''}), at {cost:.1f}x the plain evaluation's time.",
             "",
         ]
     )
@@ -144,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=8, help="distorted copies per image, beside the image")
     parser.add_argument("--strengths", type=float, nargs="*", default=[0.25, 0.5, 1.0])
     parser.add_argument("--test", type=float, default=None, metavar="S", help="score the test set at strength S")
+    parser.add_argument("--ensemble", action="store_true", help="also score the runs' nets voting together")
     parser.add_argument("--tta-seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", default=None, help="where the MNIST files are, if not where the runs read them")

@@ -268,6 +268,13 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
     assert float(cells[2]) == pytest.approx(100 * val, abs=0.006)
     assert float(cells[5]) == pytest.approx(100 * test, abs=0.006)
     assert cells[3] != cells[4]  # the strengths distort differently
+    # Two copies of one net voting together vote as that net does.
+    assert (
+        bench_tta.main([run, run, "--views", "1", "--strengths", "1", "--test", "1", "--ensemble", "--out", str(out)])
+        == 0
+    )
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| ensemble of the 2 nets"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == [cells[2], "-", cells[5], "-"]
     with pytest.raises(SystemExit):
         bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
     with pytest.raises(SystemExit, match="not found"):
