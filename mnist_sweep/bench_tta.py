@@ -11,7 +11,8 @@ the class probabilities averaged over the image and ``--views`` distorted copies
 ``--tta-seed``, so a rerun gives the same numbers.
 
 The choice is made on validation only: the test set is scored only with ``--test S``, for the one strength
-chosen, beside the plain test accuracy the run reported. Writes docs/BENCHMARKS-tta.md (``--out``).
+chosen (0: plain evaluation won), beside the plain test accuracy the run reported. Writes
+docs/BENCHMARKS-tta.md (``--out``).
 
 ``--ensemble`` adds one more row: the runs' nets voting together (their probabilities averaged, no TTA), an
 ensemble of N nets that cost N runs' training time.
@@ -90,13 +91,17 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
         result.val[s] = evaluate(loaders.val, s)
         result.seconds[s] = time.perf_counter() - t0
         print(f"{folder}: val acc {result.val[s]:.4f} at strength {s} ({result.seconds[s]:.1f} s)", file=sys.stderr)
-    if test is not None:
-        for s in (0.0, test):
-            result.test[s] = evaluate(loaders.test, s)
+    for s in _tested(test):
+        result.test[s] = evaluate(loaders.test, s)
     if a.ensemble:
         splits = {"val": loaders.val, **({"test": loaders.test} if test is not None else {})}
         result.votes = {k: _probabilities(net, loader, dev, precision) for k, loader in splits.items()}
     return result
+
+
+def _tested(test: float | None) -> list[float]:
+    """The strengths the test set is scored at: none, or plain and the one chosen (``--test``)."""
+    return [] if test is None else sorted({0.0, test})
 
 
 @torch.inference_mode()
@@ -136,22 +141,20 @@ def markdown(command: str, views: int, strengths: list[float], test: float | Non
         return f"{100 * v:.2f}"
 
     head = ["run", "seed", *(f"val {name(s)}" for s in columns)]
-    if test is not None:
-        head += ["test plain", f"test {name(test)}"]
+    head += [f"test {name(s)}" for s in _tested(test)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [f"`{r.run}`", str(r.seed), *(pct(r.val[s]) for s in columns)]
-        cells += [pct(r.test[0.0]), pct(r.test[test])] if test is not None else []
+        cells += [pct(r.test[s]) for s in _tested(test)]
         lines.append("| " + " | ".join(cells) + " |")
     mean = {s: statistics.mean(r.val[s] for r in rows) for s in columns}
     cells = ["mean", "", *(pct(mean[s]) for s in columns)]
-    if test is not None:
-        cells += [pct(statistics.mean(r.test[s] for r in rows)) for s in (0.0, test)]
+    cells += [pct(statistics.mean(r.test[s] for r in rows)) for s in _tested(test)]
     lines.append("| " + " | ".join(cells) + " |")
     if rows[0].votes:
         voted = ensemble(rows)
         cells = [f"ensemble of the {len(rows)} nets (mean vote)", "", pct(voted["val"]), *["-"] * len(strengths)]
-        cells += [pct(voted["test"]), "-"] if test is not None else []
+        cells += [pct(voted["test"]), *["-"] * (len(_tested(test)) - 1)] if test is not None else []
         lines.append("| " + " | ".join(cells) + " |")
     best = max(strengths, key=lambda s: mean[s]) if strengths else 0.0
     cost = statistics.mean(r.seconds[best] / r.seconds[0.0] for r in rows) if strengths else 1.0
@@ -181,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="finished runs' output folders")
     parser.add_argument("--views", type=int, default=8, help="distorted copies per image, beside the image")
     parser.add_argument("--strengths", type=float, nargs="*", default=[0.25, 0.5, 1.0])
-    parser.add_argument("--test", type=float, default=None, metavar="S", help="score the test set at strength S")
+    parser.add_argument(
+        "--test", type=float, default=None, metavar="S", help="score the test set at strength S (0: plain)"
+    )
     parser.add_argument("--ensemble", action="store_true", help="also score the runs' nets voting together")
     parser.add_argument("--tta-seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.views < 1 or any(s <= 0 for s in a.strengths):
         parser.error("--views must be 1 or more and every --strengths value above 0")
-    if a.test is not None and a.test not in a.strengths:
+    if a.test is not None and a.test not in [0.0, *a.strengths]:
         parser.error(f"--test {a.test}: choose one of --strengths {a.strengths} (on validation) first")
     command = " ".join(["python -m mnist_sweep.bench_tta", *(sys.argv[1:] if argv is None else argv)])
     rows = [score(folder, a.strengths, a.views, a.test, a) for folder in a.runs]

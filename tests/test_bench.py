@@ -275,6 +275,8 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
     )
     row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| ensemble of the 2 nets"))
     assert [c.strip() for c in row.strip("|").split("|")][2:] == [cells[2], "-", cells[5], "-"]
+    assert bench_tta.main([run, "--views", "1", "--strengths", "1", "--test", "0", "--out", str(out)]) == 0
+    assert "| test plain |" in out.read_text() and "test TTA" not in out.read_text()  # plain chosen: plain only
     with pytest.raises(SystemExit):
         bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
     with pytest.raises(SystemExit, match="not found"):
