@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mnist_sweep.augment import Augment
+from mnist_sweep.bench_sweeps import command_line, write_report
 
 
 class PerBatchElastic(Augment):
@@ -143,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=50, help="calls per operation in each round")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS-augment.md"))
     a = parser.parse_args(argv)
-    command = " ".join(["python -m mnist_sweep.bench_augment", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("mnist_sweep.bench_augment", argv)
     text = markdown(command, a.preset, a.rounds, a.calls, measure(a.preset, a.rounds, a.calls))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
-    print(text)
+    write_report(a.out, text)
     return 0
 
 

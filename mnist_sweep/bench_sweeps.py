@@ -255,6 +255,18 @@ def _versions() -> str:
     )
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a report was made with: ``python -m MODULE`` and its arguments."""
+    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(out: str | Path, text: str) -> None:
+    """Write a benchmark's markdown report (making its folder) and print it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_root = REPO.parent / "shared" / "datasets" / "mnist"

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from mnist_sweep.bench_sweeps import command_line, write_report
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -197,12 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--views must be 1 or more and every --strengths value above 0")
     if a.test is not None and a.test not in [0.0, *a.strengths]:
         parser.error(f"--test {a.test}: choose one of --strengths {a.strengths} (on validation) first")
-    command = " ".join(["python -m mnist_sweep.bench_tta", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("mnist_sweep.bench_tta", argv)
     rows = [score(folder, a.strengths, a.views, a.test, a) for folder in a.runs]
     text = markdown(command, a.views, a.strengths, a.test, rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
-    print(text)
+    write_report(a.out, text)
     return 0
 
 
