@@ -403,6 +403,20 @@ def _augmenter(a, kind=None):
     return augment if augment.active else None
 
 
+def tta_augmenter(a, strength: float, device, seed: int = 0):
+    """Test-time augmentation's distortion: ``data.augment``'s magnitudes times ``strength``, drawn from a
+    generator of its own seeded with ``seed`` (so every evaluation sees the same copies, and the run's own random
+    stream is untouched), or None when every magnitude is 0."""
+    import dataclasses
+
+    import torch
+
+    augment = _augmenter(dataclasses.replace(a, strength=strength))
+    if augment is not None:
+        augment.generator = torch.Generator(device).manual_seed(seed)
+    return augment
+
+
 def _describe(m) -> str:
     shown = (("input dropout", m.input_dropout), ("dropout", m.dropout), ("norm", m.norm))
     extra = "".join(f", {k} {v}" for k, v in shown if v not in (0, 0.0, "none"))

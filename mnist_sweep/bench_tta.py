@@ -72,7 +72,7 @@ def load_run(folder: Path, device: str, root: str | None):
 
 def score(folder: Path, strengths: list[float], views: int, test: float | None, a) -> Scored:
     from mnist_sweep import training
-    from mnist_sweep.app import _augmenter
+    from mnist_sweep.app import tta_augmenter
 
     settings, net, loaders, dev = load_run(folder, a.device, a.data_root)
     classes, precision = len(loaders.classes), settings.trainer.precision
@@ -80,11 +80,9 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
     def evaluate(loader, strength: float) -> float:
         if strength == 0:
             return training.evaluate(net, loader, dev, classes, precision).acc
-        magnitudes = dataclasses.replace(settings.data.augment, strength=strength)
-        augment = _augmenter(magnitudes)
+        augment = tta_augmenter(settings.data.augment, strength, dev, a.tta_seed)
         if augment is None:
             raise SystemExit(f"{folder}: data.augment has no distortion to apply at test time")
-        augment.generator = torch.Generator(dev).manual_seed(a.tta_seed)
         return training.evaluate(net, loader, dev, classes, precision, augment, views).acc
 
     result = Scored(str(folder), settings.seed, {}, {}, {})
