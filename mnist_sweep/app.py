@@ -231,19 +231,33 @@ def run(cfg: DictConfig) -> float:
 
         # Without a validation split (data.val_size=0) there is no best_val/acc: the run has no objective.
         validated = fitted.epochs[-1].validated
-        val_text = f"{fitted.val_acc:.4f}" if validated else "none (data.val_size=0)"
         final = {
             "best_epoch": fitted.best_epoch,
             **({"best_val/acc": fitted.val_acc} if validated else {}),
             "train_time_s": fitted.train_seconds,
             "data_time_s": data_seconds,
         }
+        # Test-time augmentation (trainer.tta_views): the final scores are each image's vote averaged with its
+        # distorted copies; the plain ones are kept beside them. Each split gets the same copies on every run.
+        n_classes, objective = len(loaders.classes), fitted.val_acc
+
+        def tta(split):
+            copies = tta_augmenter(d.augment, t.tta_strength, device)
+            return training.evaluate(net, split, device, n_classes, t.precision, copies, t.tta_views)
+
+        if t.tta_views and validated:
+            final["best_val/acc_plain"] = fitted.val_acc
+            final["best_val/acc"] = objective = tta(loaders.val).acc
+        val_text = f"{objective:.4f}" if validated else "none (data.val_size=0)"
         # 5. The exam it has never seen: the official test set, reported once, never used to choose anything.
         #    (A search's trials skip it: trainer.test=false. The chosen config is tested once, afterwards.)
         test = None
         if t.test:
             t_eval = time.perf_counter()
-            test = training.evaluate(net, loaders.test, device, len(loaders.classes), t.precision)
+            test = training.evaluate(net, loaders.test, device, n_classes, t.precision)
+            if t.tta_views:
+                final["test/acc_plain"] = test.acc
+                test = tta(loaders.test)
             eval_seconds = time.perf_counter() - t_eval
             final.update({"test/loss": test.loss, "test/acc": test.acc, "test_eval_time_s": eval_seconds})
             final.update({f"test/acc_class_{i}": a for i, a in enumerate(test.per_class_acc)})
@@ -277,7 +291,7 @@ def run(cfg: DictConfig) -> float:
 
     tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
     print(f"val/acc {val_text}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
-    return float(fitted.val_acc)
+    return float(objective)
 
 
 # From the checked settings to the pipeline's pieces (shared with the benchmark, mnist_sweep/bench.py).

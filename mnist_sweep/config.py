@@ -237,6 +237,10 @@ class TrainerConfig:
     max_loss: float = 100.0  # stop as diverged when the training loss is NaN, inf or above this; 0 = only NaN/inf
     progress: bool = True  # a progress bar while an epoch runs (only when attached to a terminal)
     test: bool = True  # score the test set at the end; a search's trials set it false (validation only)
+    # Test-time augmentation of the final scores (val and test; the per-epoch curve stays plain): each image's
+    # vote averaged with tta_views distorted copies of it, data.augment's magnitudes times tta_strength. 0 = off.
+    tta_views: int = 0
+    tta_strength: float = 0.25
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1", "trainer.epochs=5")
@@ -257,6 +261,10 @@ class TrainerConfig:
             "trainer.label_smoothing=0.1",
         )
         _require(self.max_loss >= 0, "trainer.max_loss", self.max_loss, "must be >= 0", "trainer.max_loss=100")
+        _require(self.tta_views >= 0, "trainer.tta_views", self.tta_views, "must be >= 0", "trainer.tta_views=8")
+        _require(
+            self.tta_strength > 0, "trainer.tta_strength", self.tta_strength, "must be > 0", "trainer.tta_strength=0.25"
+        )
 
 
 @dataclass
@@ -327,6 +335,15 @@ class Config:
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
 
     def __post_init__(self) -> None:
+        if self.data is not MISSING and self.trainer is not MISSING and self.trainer.tta_views > 0:
+            a = self.data.augment
+            _require(
+                any(m > 0 for m in (a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha)),
+                "trainer.tta_views",
+                self.trainer.tta_views,
+                "test-time augmentation distorts by data.augment's magnitudes, and all of them are 0",
+                "data.augment.rotate=12",
+            )
         # data.val_size=0 trains on all 60,000 (a refit after the choice, experiment=best_aug_refit): nothing is
         # left to choose by, so whatever chooses by val/acc must fail here, before any compute.
         if self.data is not MISSING and self.data.val_size == 0:

@@ -55,6 +55,8 @@ def _data(params: dict[str, str]) -> str:
         parts.append(f"augment {params['data.augment.strength']}")
         # A distortion switched off is part of the recipe (best_aug drops shift and shear on deskewed digits).
         parts += [f"no {name}" for name in DISTORTIONS if params.get(f"data.augment.{name}") in ZERO]
+    if params.get("trainer.tta_views", "0") != "0":  # scored with test-time augmentation (trainer.tta_views)
+        parts.append(f"scored with {params['trainer.tta_views']} distorted copies x {params['trainer.tta_strength']}")
     if params.get("data.val_size") == "0":
         parts.append("refit on all 60,000, no val")
     return ", ".join(parts) or "as is"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 
+import mlflow
 import pytest
 import torch
 
@@ -281,3 +282,23 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
         bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
     with pytest.raises(SystemExit, match="not found"):
         bench_tta.main([str(tmp_path), "--out", str(out)])
+
+
+def test_a_run_with_test_time_augmentation_reports_what_bench_tta_measures(tmp_path, mnist_root, cache_dir):
+    args = ["trainer.epochs=1", "model.hidden=32", "model.depth=1", "trainer.tta_views=2", "trainer.tta_strength=0.5"]
+    proc = train_py(*args, f"data.root={mnist_root}", f"data.cache_dir={cache_dir}", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val, test = (float(re.search(rf"{k}/acc (\d\.\d+)", proc.stdout)[1]) for k in ("val", "test"))
+    out, run = tmp_path / "BENCHMARKS-tta.md", str(tmp_path / "run")
+    assert bench_tta.main([run, "--views", "2", "--strengths", "0.5", "--test", "0.5", "--out", str(out)]) == 0
+    cells = [c.strip() for c in out.read_text().splitlines()[-4].strip("|").split("|")]  # the run's row
+    assert cells[0] == f"`{run}`"
+    assert float(cells[3]) == pytest.approx(100 * val, abs=0.006)  # val TTA 0.5
+    assert float(cells[5]) == pytest.approx(100 * test, abs=0.006)  # test TTA 0.5
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (logged,) = client.search_runs([client.get_experiment_by_name("mnist-sweep").experiment_id])
+    m = logged.data.metrics
+    assert m["best_val/acc"] == pytest.approx(val, abs=5e-5) and m["test/acc"] == pytest.approx(test, abs=5e-5)
+    assert m["best_val/acc_plain"] == pytest.approx(float(cells[2]) / 100, abs=5e-5)
+    assert m["test/acc_plain"] == pytest.approx(float(cells[4]) / 100, abs=5e-5)
+    assert logged.data.params["trainer.tta_views"] == "2"

@@ -85,6 +85,8 @@ def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
         ("model.input_dropout=1", "model.input_dropout"),
         ("model.members=0", "model.members=0"),
         ("mlflow.sweep_models=some", "mlflow.sweep_models"),
+        ("trainer.tta_views=-1", "trainer.tta_views=-1"),
+        ("trainer.tta_strength=0", "trainer.tta_strength=0"),
     ],
 )
 def test_out_of_range_values_are_rejected_before_any_work(override, message):
@@ -131,3 +133,10 @@ def test_what_chooses_by_val_acc_needs_a_validation_split(override):
     config.check(_compose(override))  # fine with the default 5,000 validation images
     with pytest.raises(config.ConfigError, match=rf"{override.split('=')[0]}=\S+ is invalid: .*data.val_size=0"):
         config.check(_compose(override, "data.val_size=0"))
+
+
+def test_test_time_augmentation_needs_a_distortion_to_apply():
+    assert config.check(_compose("trainer.tta_views=8")).trainer.tta_views == 8  # the magnitudes, not strength
+    nothing = [f"data.augment.{k}=0" for k in ("rotate", "shear", "scale", "shift", "elastic_alpha")]
+    with pytest.raises(config.ConfigError, match=r"trainer.tta_views=8 is invalid: .*data.augment's magnitudes"):
+        config.check(_compose("trainer.tta_views=8", *nothing))
