@@ -28,7 +28,7 @@ from mnist_sweep.config import DISTORTIONS
 HOW = "The runs: "
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
 # Keys added to the config after some runs were logged, with the value those runs had without saying so.
-ADDED_LATER = {"data.deskew": "False", "model.members": "1"}
+ADDED_LATER = {"data.deskew": "False", "model.members": "1", "trainer.tta_views": "0", "trainer.tta_strength": "0.25"}
 
 
 def _recipe_key(params: dict[str, str]) -> tuple:
@@ -56,7 +56,8 @@ def _data(params: dict[str, str]) -> str:
         # A distortion switched off is part of the recipe (best_aug drops shift and shear on deskewed digits).
         parts += [f"no {name}" for name in DISTORTIONS if params.get(f"data.augment.{name}") in ZERO]
     if params.get("trainer.tta_views", "0") != "0":  # scored with test-time augmentation (trainer.tta_views)
-        parts.append(f"scored with {params['trainer.tta_views']} distorted copies x {params['trainer.tta_strength']}")
+        strength = params.get("trainer.tta_strength", ADDED_LATER["trainer.tta_strength"])  # its default: not kept
+        parts.append(f"scored with {params['trainer.tta_views']} distorted copies x {strength}")
     if params.get("data.val_size") == "0":
         parts.append("refit on all 60,000, no val")
     return ", ".join(parts) or "as is"

@@ -37,7 +37,8 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
     for seed, acc in ((0, 0.990), (1, 0.992)):
         _run(client, exp, seed, 1024, acc)
-    _run(client, exp, 2, 1024, 0.994, **{"data.deskew": False})  # logged after the key existed: same recipe
+    later = {"data.deskew": False, "trainer.tta_views": 0, "trainer.tta_strength": 0.25}
+    _run(client, exp, 2, 1024, 0.994, **later)  # logged after the keys existed: same recipe
     _run(client, exp, 0, 128, 0.980, experiment_choice="None")
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
     other = client.create_experiment("f", artifact_location=str(tmp_path / "b"))
@@ -47,9 +48,12 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     unshifted = {**augmented, "data.augment.shift": 0.0, "data.augment.shear": 0}
     _run(client, other, 0, 2048, 0.96, experiment_choice="best_aug", input_dropout=0.2, **unshifted)
     _run(client, other, 0, 2048, 0.95, experiment_choice="best_aug_refit", **{"data.val_size": 0})
+    tta = {**unshifted, "trainer.tta_views": 8, "trainer.tta_strength": 0.25}
+    _run(client, other, 0, 2048, 0.94, experiment_choice="best_aug", input_dropout=0.2, **tta)
     rows = results.collect(uri, "e", "f")
-    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0], [0], [0]]
-    assert [r["recipe"] for r in rows] == ["best", "best_aug", "(none)", "best_aug", "best_aug", "best_aug_refit"]
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0], [0], [0], [0], [0], [0]]
+    recipes = ["best", "best_aug", "(none)", "best_aug", "best_aug", "best_aug_refit", "best_aug"]
+    assert [r["recipe"] for r in rows] == recipes
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 256 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
     assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | 256 | as is |" in text
@@ -57,7 +61,8 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     assert "| 5 | 256 | deskewed, augment 0.5, no shear, no shift | 0 | 96.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
     assert "| refit on all 60,000, no val | 0 | 95.00 | - | 10.0 |" in text  # no val/acc: a dash, not nan
-    assert text.count("| AMD EPYC, 2 threads |") == 6  # where each recipe ran
+    assert "no shear, no shift, scored with 8 distorted copies x 0.25 | 0 | 94.00 |" in text
+    assert text.count("| AMD EPYC, 2 threads |") == 7  # where each recipe ran
 
 
 def test_main_writes_the_file(tmp_path):
