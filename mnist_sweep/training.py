@@ -136,8 +136,9 @@ def evaluate(
                 probs = logits.float().softmax(-1)
                 for _ in range(views):
                     probs += model(augment(x)).float().softmax(-1)
-                # The log of the mean probabilities: cross-entropy on it is the averaged vote's loss.
-                logits = (probs / (views + 1)).log()
+                # The log of the mean probabilities: cross-entropy on it is the averaged vote's loss. (Floored at
+                # the smallest float, so a probability that underflowed to 0 gives a large loss, not infinity.)
+                logits = (probs / (views + 1)).clamp_min(torch.finfo(probs.dtype).tiny).log()
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         n += len(y)

@@ -247,3 +247,10 @@ def test_test_time_augmentation_averages_the_probabilities_of_the_image_and_its_
     assert tta.acc == (probs.argmax(1) == y).sum().item() / len(y)
     assert tta.loss == pytest.approx(torch.nn.functional.nll_loss(probs.log(), y).item(), rel=1e-5)
     assert tta.acc != plain.acc or tta.loss != pytest.approx(plain.loss)
+    # A vote that is certain and wrong costs a large but finite loss.
+    sure = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    with torch.no_grad():
+        sure[1].weight.zero_()
+        sure[1].bias.copy_(torch.tensor([1000.0] + [0.0] * 9))  # always class 0, with all its probability
+    wrong = training.evaluate(sure, [(x, torch.ones_like(y))], cpu, augment=lambda b: b, views=1)
+    assert wrong.acc == 0 and math.isfinite(wrong.loss) and wrong.loss > 50
