@@ -48,7 +48,7 @@ class Scored:
 
 def load_run(folder: Path, device: str, root: str | None):
     """The run's settings (from its overrides), net (from its checkpoint) and data loaders."""
-    from mnist_sweep import model
+    from mnist_sweep import model, training
     from mnist_sweep.app import make_loaders
     from mnist_sweep.bench import compose
 
@@ -60,10 +60,8 @@ def load_run(folder: Path, device: str, root: str | None):
     overrides = [o for o in OmegaConf.load(overrides_path) if not o.lstrip("+~").startswith("hydra")]
     overrides += [f"device={device}"] + ([f"data.root={root}"] if root else [])
     _, settings = compose(overrides)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    net = model.build(**ckpt["model_args"])
-    net.load_state_dict(ckpt["state_dict"])
-    dev = torch.device("cpu" if device == "cpu" else device)
+    net = model.load_checkpoint(ckpt_path).net  # the trained net, without the export's own preprocessing
+    dev = training.resolve_device(settings.device.type)
     loaders = make_loaders(settings, dev, torch.Generator().manual_seed(0))
     if not len(loaders.val):
         raise SystemExit(f"{folder} ran without a validation split (data.val_size=0): nothing to choose on")

@@ -338,7 +338,7 @@ class Config:
         if self.data is not MISSING and self.trainer is not MISSING and self.trainer.tta_views > 0:
             a = self.data.augment
             _require(
-                any(m > 0 for m in (a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha)),
+                any(getattr(a, k) > 0 for k in DISTORTIONS),
                 "trainer.tta_views",
                 self.trainer.tta_views,
                 "test-time augmentation distorts by data.augment's magnitudes, and all of them are 0",
