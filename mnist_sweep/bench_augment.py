@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mnist_sweep import training
 from mnist_sweep.augment import Augment
 from mnist_sweep.bench_sweeps import command_line, write_report
 
@@ -33,6 +34,28 @@ class PerBatchElastic(Augment):
         return self._to_grid(self._smooth(noise, h, w).view(b * 2, h * w), b, h, w, s)
 
 
+def training_step(cfg, settings, net, x, y, augment=None):
+    """One training step of ``net`` on the batch ``x``, ``y`` as ``training.fit`` takes it: the distortion (if
+    given), forward and loss in the preset's precision (an ensemble's members each with their own loss),
+    backward, and the preset's optimiser."""
+    from hydra.utils import instantiate
+
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.trainer.label_smoothing)
+    device = torch.device("cpu")
+
+    def step():
+        with training.autocast(device, settings.trainer.precision):
+            logits = net(augment(x) if augment else x)
+            members = len(logits) if logits.dim() == 3 else 1
+            loss = loss_fn(logits.float().flatten(0, -2), y.repeat(members))
+        optimizer.zero_grad(set_to_none=True)
+        (loss * members).backward()
+        optimizer.step()
+
+    return step
+
+
 def _ms_per_call(fn, calls: int) -> float:
     fn()  # warm-up: first-call allocations and the basis' one-off construction
     t0 = time.perf_counter()
@@ -42,9 +65,7 @@ def _ms_per_call(fn, calls: int) -> float:
 
 
 def measure(preset: str, rounds: int, calls: int) -> dict:
-    from hydra.utils import instantiate
-
-    from mnist_sweep import model, training
+    from mnist_sweep import model
     from mnist_sweep.app import _augmenter, make_model_args
     from mnist_sweep.bench import compose
 
@@ -53,7 +74,7 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
     if matrix is None:
         raise SystemExit(f"experiment={preset} does not augment (data.augment.strength=0): nothing to time")
     per_batch = _augmenter(settings.data.augment, PerBatchElastic)
-    b, device = settings.data.batch_size, torch.device("cpu")
+    b = settings.data.batch_size
     x, y = torch.randn(b, 1, 28, 28), torch.randint(0, 10, (b,))
 
     # The two ways draw the same random numbers in the same order, so they give the same images.
@@ -64,17 +85,7 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
     same = (old - new).abs().max().item()
 
     net = model.build(**make_model_args(settings, 10))
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.trainer.label_smoothing)
-    x_aug = matrix(x)
-
-    def step():
-        with training.autocast(device, settings.trainer.precision):
-            loss = loss_fn(net(x_aug).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(cfg, settings, net, matrix(x), y)
     timed = {"per_batch": lambda: per_batch(x), "matrix": lambda: matrix(x), "step": step}
     times: dict[str, list[float]] = {k: [] for k in timed}
     for _ in range(rounds):

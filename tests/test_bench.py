@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_loaders, train_py
-from mnist_sweep import bench, bench_augment, bench_denormal, bench_search, bench_tta, model, training
+from mnist_sweep import bench, bench_augment, bench_denormal, bench_dropout, bench_search, bench_tta, model, training
 
 
 def test_speedrun_preset_composes_with_its_recipe():
@@ -252,6 +252,43 @@ def test_bench_augment_times_both_elastic_fields_beside_a_training_step(tmp_path
     assert diff < 1e-4  # the same images both ways
     with pytest.raises(SystemExit, match="does not augment"):
         bench_augment.main(["--preset", "speedrun", "--out", str(out)])
+
+
+def test_bench_dropout_times_torchs_mask_and_the_candidates_on_the_same_net(tmp_path):
+    out = tmp_path / "BENCHMARKS-dropout.md"
+    args = ["--presets", "best", "--ps", "0.5", "--shape", "8", "16", "--rounds", "1", "--calls", "1"]
+    assert bench_dropout.main([*args, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "python -m mnist_sweep.bench_dropout --presets best --ps 0.5" in text
+    layer = [ln for ln in text.splitlines() if ln.startswith("| 0.5 |")]
+    step = [ln for ln in text.splitlines() if ln.startswith("| `experiment=best` | 0.2, 0.5 | 3 |")]
+    assert len(layer) == 1 and len(step) == 1
+    torch_ms, uniform_ms, ratio = (float(v) for v in step[0].split("|")[4:7])
+    assert ratio == pytest.approx(torch_ms / uniform_ms, abs=0.01)
+
+
+def test_bench_dropout_compares_nets_that_differ_only_in_their_dropout_layers():
+    net = model.build(members=2, hidden=8, depth=2, dropout=0.5, input_dropout=0.2)
+    candidate = bench_dropout.with_uniform_mask(net)
+    rates = lambda n, kind: [m.p for m in n.modules() if type(m) is kind]  # noqa: E731
+    assert rates(net, torch.nn.Dropout) == [0.2, 0.5, 0.5] * 2 and rates(net, bench_dropout.UniformMaskDropout) == []
+    assert rates(candidate, bench_dropout.UniformMaskDropout) == [0.2, 0.5, 0.5] * 2
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(net.eval()(x), candidate.eval()(x))  # the same weights
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_the_candidate_mask_is_dropout_keeping_each_unit_with_probability_1_minus_p(p):
+    drop = bench_dropout.UniformMaskDropout(p).train()
+    x = torch.full((1000, 1000), 3.0, dtype=torch.bfloat16, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert y.dtype == torch.bfloat16
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.003  # 10^6 draws: std under 0.0005
+    assert torch.allclose(y[kept].float(), torch.tensor(3 / (1 - p)), rtol=1e-2)  # bf16 rounds 1 / 0.9
+    y.sum().backward()  # a dropped unit gets no gradient, a kept one the same scale
+    assert torch.equal(x.grad != 0, kept)
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path, mnist_root, cache_dir):
