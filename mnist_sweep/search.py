@@ -5,14 +5,15 @@ time, launches it through Hydra's launcher like any trial, and tells Optuna the 
 function returns. Three things the published ``hydra-optuna-sweeper`` (which pins optuna<3) does not do:
 
 * **pruning** - each trial reports val/acc after every epoch to the study's storage and stops early when the
-  pruner (median or Hyperband) judges it hopeless; it is recorded as PRUNED in Optuna and tagged
-  ``pruned=true`` on its (FINISHED) MLflow run, never as failed;
+  pruner (``median``, ``asha`` or ``hyperband``; ``none`` turns pruning off) judges it hopeless; it is
+  recorded as PRUNED in Optuna and tagged ``pruned=true`` on its (FINISHED) MLflow run, never as failed;
 * **resume** - the study lives in a database (``sqlite:///mlruns/optuna.db`` by default, or PostgreSQL);
   relaunching the same command continues it, reruns trials an interrupted launch left RUNNING, and only
   runs what is missing of ``n_trials``;
 * **the choice, then the exam** - trials never look at the test set; when the search ends, the best trial's
-  config is written as ``conf/experiment/<best_preset>.yaml`` and run once more with ``trainer.test=true``,
-  so the test accuracy is measured once, after the choice.
+  config is written as ``conf/experiment/<best_preset>.yaml`` (with what the sweep's own ``experiment=``
+  preset set, so it stands alone) and run once more with ``trainer.test=true``, so the test accuracy is
+  measured once, after the choice.
 """
 
 from __future__ import annotations
@@ -88,9 +89,13 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def preset_yaml(params: dict[str, Any], header: str) -> str:
-    """A ``conf/experiment`` preset that sets every key in ``params`` (dotted keys become nested YAML)."""
-    groups = {k for k in params if "." not in k}
+def preset_yaml(params: dict[str, Any], header: str, groups: set[str] | None = None) -> str:
+    """A ``conf/experiment`` preset that sets every key in ``params`` (dotted keys become nested YAML).
+
+    Keys that name a config group (``groups``; by default every key without a dot) pick that group's option
+    (``override /optimizer: sgd``); the others are values (``seed: 1``).
+    """
+    groups = {k for k in params if ("." not in k if groups is None else k in groups)}
     tree = OmegaConf.create()
     for key, value in params.items():
         if key in groups:
@@ -296,6 +301,39 @@ class OptunaSweeperImpl:
             study.enqueue_trial(t.params)
             log.info("trial #%d was interrupted: queued again", t.number)
 
+    def _experiment_settings(self, fixed: list[str]) -> dict[str, Any]:
+        """The config groups and values that ``experiment=X`` (if among ``fixed``) changed, as overrides.
+
+        Found by composing the config as the trials did, then without X but with its picks of the hydra/ groups
+        (the sweeper's own overrides need them) and of the config groups, and comparing the two.
+        """
+        experiment = [o for o in fixed if o.split("=", 1)[0].lstrip("+") == "experiment"]
+        if not experiment or self.hydra_context is None:
+            return {}
+        rest = [o for o in fixed if o not in experiment]
+        load = self.hydra_context.config_loader.load_sweep_config
+        try:
+            full = load(self.config, fixed)
+            choices = {g: c for g, c in full.hydra.runtime.choices.items() if c is not None}
+            pins = [f"{g}={c}" for g, c in choices.items() if g.startswith("hydra/")]
+            plain = load(self.config, rest + pins).hydra.runtime.choices
+            groups = {
+                g: c
+                for g, c in choices.items()
+                if not g.startswith(("hydra/", "schema/"))
+                and g not in ("experiment", "base_config")
+                and plain.get(g) != c
+            }
+            same = load(self.config, rest + pins + [f"{g}={c}" for g, c in groups.items()])
+        except Exception as e:  # the search has run: write what is known rather than lose the result
+            log.warning(
+                "could not tell what %s set (%s): the preset holds the search's own keys only", experiment[0], e
+            )
+            return {}
+        before = _leaves(same)
+        values = {k: v for k, v in _leaves(full).items() if not k.startswith(NOT_IN_PRESET) and before.get(k) != v}
+        return {**groups, **values}
+
     def _write_preset(self, fixed: list[str], best, study_name: str) -> str | None:
         name = self.cfg.best_preset
         if not name:
@@ -303,12 +341,13 @@ class OptunaSweeperImpl:
         folder = Path(self.cfg.preset_dir) if self.cfg.preset_dir else _primary_conf_dir(self.config) / "experiment"
         import yaml
 
-        params: dict[str, Any] = {}
+        # What the sweep's own experiment preset set comes first (the search preset's 10 epochs, say), so the new
+        # preset stands alone; then the command line's fixed overrides; then the trial's choices.
+        params: dict[str, Any] = self._experiment_settings(fixed)
         for item in fixed:
             key, value = item.split("=", 1)
-            if key.startswith(("hydra.", "hydra/", "optuna.", "mlflow.", "data.root", "data.cache_dir", "experiment")):
-                continue
-            params[key.lstrip("+")] = yaml.safe_load(value) if value else value
+            if not key.startswith(NOT_IN_PRESET):
+                params[key.lstrip("+")] = yaml.safe_load(value) if value else value
         params.update(best.params)
         header = (
             f"# Written by the Optuna search {study_name!r}: trial #{best.number}, val/acc {best.value:.4f}.\n"
@@ -316,8 +355,27 @@ class OptunaSweeperImpl:
         )
         path = folder / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(preset_yaml(params, header))
+        path.write_text(preset_yaml(params, header, set(self.config.hydra.runtime.choices)))
         return f"best config written to {path}; rerun it with: python train.py experiment={name}"
+
+
+# Where things go and how a search is run: not part of a recipe.
+NOT_IN_PRESET = ("hydra.", "hydra/", "optuna.", "mlflow.", "data.root", "data.cache_dir", "experiment")
+
+
+def _leaves(cfg: DictConfig) -> dict[str, Any]:
+    """The task config's values by dotted key (``trainer.epochs``), interpolations unresolved; hydra's left out."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}, "")
+    return flat
 
 
 def _describe(d) -> str:

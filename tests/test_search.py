@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO
@@ -192,8 +193,9 @@ def test_search_without_a_validation_split_is_refused_before_any_trial(tmp_path)
 
 def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
     text = search.preset_yaml(
-        {"optimizer": "sgd", "optimizer.lr": 0.02, "model.hidden": 512, "trainer.epochs": 3},
+        {"optimizer": "sgd", "optimizer.lr": 0.02, "model.hidden": 512, "trainer.epochs": 3, "seed": 7},
         "# test preset\n",
+        groups={"optimizer", "model", "scheduler"},
     )
     conf = tmp_path / "conf"
     import shutil
@@ -205,6 +207,7 @@ def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
         cfg = compose(config_name="config", overrides=["experiment=found_test"])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.02
     assert cfg.model.hidden == 512 and cfg.trainer.epochs == 3
+    assert cfg.seed == 7  # a top-level value, not a config group
 
 
 @pytest.mark.parametrize("name", ["none", "median", "asha", "hyperband"])
@@ -222,8 +225,18 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
     from conftest import train_py
 
     presets = tmp_path / "presets"
+    # The search runs under an experiment preset (as `experiment=search` does): what it sets must reach the
+    # written preset, which has to stand alone.
+    extra = tmp_path / "extra" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "tiny_search.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /optimizer: sgd\n"
+        "model:\n  depth: 1\ntrainer:\n  label_smoothing: 0.1\n"
+    )
     proc = train_py(
         "-m",
+        f"hydra.searchpath=[file://{extra.parent}]",
+        "experiment=tiny_search",
         "hydra/sweeper=optuna",
         "hydra.sweeper.n_trials=6",
         "hydra.sweeper.startup_trials=1",
@@ -256,6 +269,10 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
     preset = (presets / "found_e2e.yaml").read_text()
     assert preset.startswith("# @package _global_") and f"hidden: {study.best_params['model.hidden']}" in preset
     assert "optuna" not in preset.split("\n", 3)[-1] and "data:" not in preset  # no bookkeeping, no paths
+    written = yaml.safe_load(preset)
+    assert written["defaults"] == [{"override /optimizer": "sgd"}]  # the experiment's group pick
+    assert written["model"]["depth"] == 1 and written["trainer"] == {"epochs": 2, "label_smoothing": 0.1}
+    assert tested[0].data.params["model.depth"] == "1" and tested[0].data.params["optimizer.name"] == "sgd"
     board = proc.stdout + proc.stderr
     assert "pruned at epoch" in board  # the leaderboard says why a trial stopped early
     rerun = board.split("rerun it with:", 1)[1].splitlines()[1]
