@@ -1,7 +1,7 @@
 """The one module that talks to Hydra: it turns a composed config into a tracked training run.
 
-``train.py`` hands every job of ``python train.py [-m] ...`` to ``run`` and wraps the whole command in
-``cli``, which prints a user's mistake as one line instead of a traceback.
+``train.py`` hands every job of ``python train.py [-m] ...`` to ``task`` (which calls ``run``) and wraps the
+whole command in ``cli``, which prints a user's mistake as one line instead of a traceback.
 
 The order of ``run`` is deliberate: everything that can fail because of the user's input (config values,
 device, tracking store, data files) is checked before the first batch is trained.

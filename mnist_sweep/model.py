@@ -2,7 +2,7 @@
 
 It takes plain arguments, never the whole config, so it can be built and tested on its own:
 
-    MLP(hidden=256, depth=2)  ->  Flatten -> [Linear(784, 256) -> ReLU] x 2 -> Linear(256, 10)
+    MLP(hidden=256, depth=2)  ->  Flatten -> Linear(784, 256) -> ReLU -> Linear(256, 256) -> ReLU -> Linear(256, 10)
 
 ``build(members=N, ...)`` gives N such nets trained side by side, their predictions averaged (``Ensemble``).
 """

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 4, made in one call on a borrowed GPU machine (CUDA, 16 cores):
 #   1. one `best` net of 80 epochs (the preset then) and two-net ensembles (model.members=2) of `best` and
-#      `best_aug` (on raw digits, as it was then) for the same compute, seeds 0-2, three trials at a time on
-#      the one GPU (joblib);
+#      `best_aug` (on raw digits, shifted and sheared, as it was then) for the same compute, seeds 0-2, three
+#      trials at a time on the one GPU (joblib);
 #   2. mnist_sweep.bench_search: the full search space (widths to 2048, depths to 3) with and without
 #      Hyperband pruning, side by side, against (1)'s `best` runs as the reference.
 # Both write to SQLite stores under the work folder; the stores and the logs come back as one tarball, and
@@ -70,7 +70,9 @@ else
     sweep best experiment=best model.members=1 trainer.epochs=80  # one net of 80 epochs: the preset then
     # Two nets for the time of one (half the epochs each): does their vote beat one net on validation?
     sweep best_members2 experiment=best model.members=2 trainer.epochs=40
-    sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80 data.deskew=false  # best_aug then
+    # best_aug as it was then: raw digits, shifted and sheared too (the preset now deskews and sets both to 0)
+    sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80 data.deskew=false \
+        data.augment.shift=0.1 data.augment.shear=8
     search 40 "$EPOCHS" 2
 fi
 wait
