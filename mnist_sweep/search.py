@@ -365,17 +365,9 @@ NOT_IN_PRESET = ("hydra.", "hydra/", "optuna.", "mlflow.", "data.root", "data.ca
 
 def _leaves(cfg: DictConfig) -> dict[str, Any]:
     """The task config's values by dotted key (``trainer.epochs``), interpolations unresolved; hydra's left out."""
-    flat: dict[str, Any] = {}
+    from mnist_sweep.config import flatten
 
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}, "")
-    return flat
+    return flatten({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
 
 
 def _describe(d) -> str:
