@@ -64,6 +64,15 @@ def _ms_per_call(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1000
 
 
+def in_turns(timed: dict, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Each function's ms per call, timed in turns for ``rounds`` rounds (a slow spell falls on all of them)."""
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            times[name].append(_ms_per_call(fn, calls))
+    return times
+
+
 def measure(preset: str, rounds: int, calls: int) -> dict:
     from mnist_sweep import model
     from mnist_sweep.app import _augmenter, make_model_args
@@ -87,10 +96,7 @@ def measure(preset: str, rounds: int, calls: int) -> dict:
     net = model.build(**make_model_args(settings, 10))
     step = training_step(cfg, settings, net, matrix(x), y)
     timed = {"per_batch": lambda: per_batch(x), "matrix": lambda: matrix(x), "step": step}
-    times: dict[str, list[float]] = {k: [] for k in timed}
-    for _ in range(rounds):
-        for name, fn in timed.items():
-            times[name].append(_ms_per_call(fn, calls))
+    times = in_turns(timed, rounds, calls)
     return {
         "settings": settings,
         "max_diff": same,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mnist_sweep import model
-from mnist_sweep.bench_augment import _ms_per_call, training_step
+from mnist_sweep.bench_augment import in_turns, training_step
 from mnist_sweep.bench_sweeps import command_line, write_report
 
 
@@ -54,14 +54,6 @@ def with_uniform_mask(net: nn.Module) -> nn.Module:
     return net
 
 
-def _in_turns(timed: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in timed}
-    for _ in range(rounds):
-        for name, fn in timed.items():
-            times[name].append(_ms_per_call(fn, calls))
-    return times
-
-
 def measure_layer(ps: list[float], shape: tuple[int, int], rounds: int, calls: int) -> list[dict]:
     rows = []
     for p in ps:
@@ -69,7 +61,7 @@ def measure_layer(ps: list[float], shape: tuple[int, int], rounds: int, calls: i
         grad = torch.randn(shape, dtype=torch.bfloat16)
         layers = {"torch": nn.Dropout(p).train(), "uniform": UniformMaskDropout(p).train()}
         timed = {k: (lambda d=d, x=x, grad=grad: d(x).backward(grad)) for k, d in layers.items()}
-        times = _in_turns(timed, rounds, calls)
+        times = in_turns(timed, rounds, calls)
         rows.append({"p": p, **{k: statistics.median(v) for k, v in times.items()}})
     return rows
 
@@ -86,7 +78,7 @@ def measure_step(preset: str, rounds: int, calls: int) -> dict:
     x, y = torch.randn(b, 1, 28, 28), torch.randint(0, 10, (b,))
     augment = _augmenter(settings.data.augment)
     timed = {k: training_step(cfg, settings, n, x, y, augment) for k, n in nets.items()}
-    times = _in_turns(timed, rounds, calls)
+    times = in_turns(timed, rounds, calls)
     return {"preset": preset, "settings": settings, **{k: statistics.median(v) for k, v in times.items()}}
 
 

@@ -89,13 +89,13 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def preset_yaml(params: dict[str, Any], header: str, groups: set[str] | None = None) -> str:
+def preset_yaml(params: dict[str, Any], header: str, groups: set[str]) -> str:
     """A ``conf/experiment`` preset that sets every key in ``params`` (dotted keys become nested YAML).
 
-    Keys that name a config group (``groups``; by default every key without a dot) pick that group's option
-    (``override /optimizer: sgd``); the others are values (``seed: 1``).
+    Keys that name a config group (``groups``) pick that group's option (``override /optimizer: sgd``); the
+    others are values (``seed: 1``).
     """
-    groups = {k for k in params if ("." not in k if groups is None else k in groups)}
+    groups = {k for k in params if k in groups}
     tree = OmegaConf.create()
     for key, value in params.items():
         if key in groups:
@@ -308,7 +308,7 @@ class OptunaSweeperImpl:
         (the sweeper's own overrides need them) and of the config groups, and comparing the two.
         """
         experiment = [o for o in fixed if o.split("=", 1)[0].lstrip("+") == "experiment"]
-        if not experiment or self.hydra_context is None:
+        if not experiment:
             return {}
         rest = [o for o in fixed if o not in experiment]
         load = self.hydra_context.config_loader.load_sweep_config
