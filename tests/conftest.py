@@ -133,3 +133,25 @@ def read_until(proc: subprocess.Popen, done, seconds: float) -> None:
     for line in proc.stdout:
         if done(line) or time.time() > deadline:
             return
+
+
+def tiny_fit(root, cache, *, seed=0, epochs=3, precision="fp32", lr=3e-3, depth=1, **fit_args):
+    """A net of 32 units trained with Adam on the tiny dataset: (fit's result, test metrics, each epoch's result)."""
+    from mnist_sweep import model, training
+
+    torch.manual_seed(seed)
+    loaders = tiny_loaders(root, cache, eval_batch_size=50, seed=seed)
+    net = model.MLP(hidden=32, depth=depth)
+    seen = []
+    result = training.fit(
+        net,
+        loaders.train,
+        loaders.val,
+        torch.optim.Adam(net.parameters(), lr=lr),
+        epochs=epochs,
+        device=torch.device("cpu"),
+        precision=precision,
+        on_epoch=seen.append,
+        **fit_args,
+    )
+    return result, training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision), seen

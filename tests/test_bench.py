@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import tiny_loaders, train_py
+from conftest import tiny_fit, train_py
 from mnist_sweep import bench, bench_augment, bench_denormal, bench_dropout, bench_search, bench_tta, model, training
 
 
@@ -48,26 +48,14 @@ def test_matmul_peak_is_measured():
     assert bench.matmul_gflops(64, torch.float32, seconds=0.01, repeats=1) > 0
 
 
-def _fit(root, cache, *, precision="fp32", check_every=None, label_smoothing=0.0, seed=0, epochs=3, lr=3e-3):
-    torch.manual_seed(seed)
-    loaders = tiny_loaders(root, cache, eval_batch_size=50, seed=seed)
-    net = model.MLP(hidden=32, depth=2)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    seen: list[training.EpochResult] = []
-    training.fit(
-        net,
-        loaders.train,
-        loaders.val,
-        opt,
-        epochs=epochs,
-        device=torch.device("cpu"),
-        precision=precision,
-        label_smoothing=label_smoothing,
-        check_every=check_every,
-        on_epoch=seen.append,
-        schedule=lambda step, total: training.lr_multiplier(step, total, 0.25, 0.04, "cosine", 0.0),
-    )
-    return seen, training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision)
+def _fit(root, cache, **fit_args):
+    """(epochs, test metrics) of a 2-layer tiny net on the GPU recipe's cosine schedule."""
+
+    def schedule(step, total):
+        return training.lr_multiplier(step, total, 0.25, 0.04, "cosine", 0.0)
+
+    _, test, seen = tiny_fit(root, cache, depth=2, schedule=schedule, **fit_args)
+    return seen, test
 
 
 def test_gpu_style_loop_gives_the_same_metrics_as_the_cpu_loop(tiny_data, tmp_path):

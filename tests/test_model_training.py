@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_loaders
+from conftest import tiny_fit, tiny_loaders
 from mnist_sweep import data, model, training
 
 
@@ -129,30 +129,8 @@ def test_resolve_device():
             training.resolve_device("cuda")
 
 
-def _tiny_fit(tiny_root, cache, seed=0, epochs=3, precision="fp32", lr=3e-3, patience=0, **kw):
-    torch.manual_seed(seed)
-    loaders = tiny_loaders(tiny_root, cache, eval_batch_size=50, seed=seed)
-    net = model.MLP(hidden=32, depth=1)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    seen = []
-    result = training.fit(
-        net,
-        loaders.train,
-        loaders.val,
-        opt,
-        epochs=epochs,
-        device=torch.device("cpu"),
-        precision=precision,
-        patience=patience,
-        on_epoch=seen.append,
-        **kw,
-    )
-    test = training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision)
-    return result, test, seen
-
-
 def test_fit_learns_and_reports_every_epoch(tiny_data, tmp_path):
-    result, test, seen = _tiny_fit(tiny_data[0], tmp_path, epochs=4)
+    result, test, seen = tiny_fit(tiny_data[0], tmp_path, epochs=4)
     assert [e.epoch for e in seen] == [1, 2, 3, 4]
     assert seen[-1].train_loss < seen[0].train_loss
     assert test.acc > 0.5  # 10 classes: chance is 0.1
@@ -161,30 +139,30 @@ def test_fit_learns_and_reports_every_epoch(tiny_data, tmp_path):
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_data, tmp_path):
-    a = _tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
-    b = _tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
-    c = _tiny_fit(tiny_data[0], tmp_path, seed=2)[2]
+    a = tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
+    b = tiny_fit(tiny_data[0], tmp_path, seed=1)[2]
+    c = tiny_fit(tiny_data[0], tmp_path, seed=2)[2]
     assert [e.train_loss for e in a] == [e.train_loss for e in b]
     assert [e.val_acc for e in a] == [e.val_acc for e in b]
     assert [e.train_loss for e in a] != [e.train_loss for e in c]
 
 
 def test_bf16_stays_close_to_fp32(tiny_data, tmp_path):
-    fp32 = _tiny_fit(tiny_data[0], tmp_path, epochs=4)[1]
-    bf16 = _tiny_fit(tiny_data[0], tmp_path, epochs=4, precision="bf16")[1]
+    fp32 = tiny_fit(tiny_data[0], tmp_path, epochs=4)[1]
+    bf16 = tiny_fit(tiny_data[0], tmp_path, epochs=4, precision="bf16")[1]
     assert abs(fp32.acc - bf16.acc) <= 0.1  # stated tolerance on 40 test images: 4 images
     assert abs(fp32.loss - bf16.loss) <= 0.25
 
 
 def test_diverging_loss_stops_at_once(tiny_data, tmp_path):
     with pytest.raises(training.DivergedError, match="diverged.*step 1"):
-        _tiny_fit(tiny_data[0], tmp_path, lr=1e6, max_loss=1e-6)
+        tiny_fit(tiny_data[0], tmp_path, lr=1e6, max_loss=1e-6)
     with pytest.raises(training.DivergedError, match="lower optimizer.lr"):
-        _tiny_fit(tiny_data[0], tmp_path, lr=1e6)
+        tiny_fit(tiny_data[0], tmp_path, lr=1e6)
 
 
 def test_early_stopping_keeps_the_best_epoch(tiny_data, tmp_path):
-    result, _, seen = _tiny_fit(tiny_data[0], tmp_path, epochs=30, patience=2, lr=1e-2)
+    result, _, seen = tiny_fit(tiny_data[0], tmp_path, epochs=30, patience=2, lr=1e-2)
     assert len(seen) < 30  # stopped early
     best = max(e.val_acc for e in seen)
     assert result.val_acc == best
