@@ -63,6 +63,19 @@ def _data(params: dict[str, str]) -> str:
     return ", ".join(parts) or "as is"
 
 
+def _model(params: dict[str, str]) -> str:
+    """The net: members, depth x width, activation, then what is switched on (normalisation, dropout)."""
+    parts = [f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"]
+    if params.get("model.members", "1") != "1":
+        parts[0] = f"{params['model.members']} nets of {parts[0]}"
+    if params.get("model.norm", "none") != "none":
+        parts.append(f"{params['model.norm']} norm")
+    for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout")):
+        if params.get(key) not in (None, "0.0"):
+            parts.append(f"{label} {params[key]}")
+    return ", ".join(parts)
+
+
 def _measured(members: list[dict], *keys: str) -> list[float]:
     """Each run's first metric of these keys, for the runs that have one (a refit has no val/acc)."""
     found = (next((r["metrics"][k] for k in keys if k in r["metrics"]), None) for r in members)
@@ -148,13 +161,7 @@ def rows_from(records: list[dict]) -> list[dict]:
                 "recipe": params.get("choice.experiment")
                 if params.get("choice.experiment") not in (None, "None")
                 else "(none)",
-                "model": (f"{params['model.members']} nets of " if params.get("model.members", "1") != "1" else "")
-                + f"{params.get('model.depth')} x {params.get('model.hidden')} {params.get('model.activation')}"
-                + "".join(
-                    f", {label} {params[key]}"
-                    for key, label in (("model.input_dropout", "input dropout"), ("model.dropout", "dropout"))
-                    if params.get(key) not in (None, "0.0")
-                ),
+                "model": _model(params),
                 "device": ", ".join(sorted({r["device"] for r in members})),
                 "optimizer": f"{params.get('optimizer.name')} lr {params.get('optimizer.lr')}",
                 "epochs": params.get("trainer.epochs"),

@@ -41,10 +41,11 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     _run(client, exp, 2, 1024, 0.994, **later)  # logged after the keys existed: same recipe
     _run(client, exp, 0, 128, 0.980, experiment_choice="None")
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
+    batch_norm = {"model.norm": "batch"}
     other = client.create_experiment("f", artifact_location=str(tmp_path / "b"))
     _run(client, other, 0, 2048, 0.985, experiment_choice="best_aug", input_dropout=0.2)
     augmented = {"data.deskew": True, "data.augment.strength": 0.5, "data.augment.shift": 0.1}
-    _run(client, other, 0, 2048, 0.97, experiment_choice="best_aug", input_dropout=0.2, **augmented)
+    _run(client, other, 0, 2048, 0.97, experiment_choice="best_aug", input_dropout=0.2, **augmented, **batch_norm)
     unshifted = {**augmented, "data.augment.shift": 0.0, "data.augment.shear": 0}
     _run(client, other, 0, 2048, 0.96, experiment_choice="best_aug", input_dropout=0.2, **unshifted)
     _run(client, other, 0, 2048, 0.95, experiment_choice="best_aug_refit", **{"data.val_size": 0})
@@ -57,7 +58,10 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     text = results.markdown(rows, "python -m mnist_sweep.results")
     assert "| best | 2 x 1024 relu | adam lr 0.003 | 5 | 256 | as is | 0,1,2 | 99.20 ± 0.20 |" in text
     assert "| best_aug | 2 x 2048 relu, input dropout 0.2 | adam lr 0.003 | 5 | 256 | as is |" in text
-    assert "| 5 | 256 | deskewed, augment 0.5 | 0 | 97.00 |" in text
+    assert (
+        "| 2 x 2048 relu, batch norm, input dropout 0.2 | adam lr 0.003 | 5 | 256 | deskewed, augment 0.5 | 0 | 97.00 |"
+        in text
+    )
     assert "| 5 | 256 | deskewed, augment 0.5, no shear, no shift | 0 | 96.00 |" in text
     assert "| 98.00 |" in text and "50.00" not in text
     assert "| refit on all 60,000, no val | 0 | 95.00 | - | 10.0 |" in text  # no val/acc: a dash, not nan
