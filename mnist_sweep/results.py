@@ -3,7 +3,8 @@
     python -m mnist_sweep.results                     # reads sqlite:///mlruns/mlflow.db, writes docs/RESULTS.md
     python -m mnist_sweep.results --experiment NAME --tracking-uri URI --out FILE --runs FILE
 
-Runs are grouped by their whole config except ``seed`` (so 3 seeds of one recipe make one row). Only
+Runs are grouped by their whole config except ``seed`` and the keys of where and how they ran (``IGNORED``:
+paths, threads, progress output), so 3 seeds of one recipe make one row. Only
 FINISHED runs that scored the test set are counted. The table says what each number is: the test accuracy
 was never used to choose anything (selection happens on val/acc), so it is reported, not tuned.
 
@@ -26,7 +27,9 @@ from pathlib import Path
 from mnist_sweep.config import DISTORTIONS
 
 HOW = "The runs: "
-IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers")
+# Where and how a run ran, not what it learned: seeds of one recipe run alone or side by side with one thread each
+# (device.threads) still make one row; the device column says where each ran.
+IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers", "device.threads")
 # Keys added to the config after some runs were logged, with the value those runs had without saying so.
 ADDED_LATER = {"data.deskew": "False", "model.members": "1", "trainer.tta_views": "0", "trainer.tta_strength": "0.25"}
 

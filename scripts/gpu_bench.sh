@@ -70,9 +70,10 @@ else
     sweep best experiment=best model.members=1 trainer.epochs=80  # one net of 80 epochs: the preset then
     # Two nets for the time of one (half the epochs each): does their vote beat one net on validation?
     sweep best_members2 experiment=best model.members=2 trainer.epochs=40
-    # best_aug as it was then: raw digits, shifted and sheared too (the preset now deskews and sets both to 0)
+    # best_aug as it was then: raw digits, shifted and sheared too, no batch norm (the preset now deskews, sets
+    # both to 0 and normalises each hidden layer)
     sweep best_aug_members2 experiment=best_aug model.members=2 trainer.epochs=80 data.deskew=false \
-        data.augment.shift=0.1 data.augment.shear=8
+        data.augment.shift=0.1 data.augment.shear=8 model.norm=none
     search 40 "$EPOCHS" 2
 fi
 wait

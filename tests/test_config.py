@@ -120,7 +120,8 @@ def test_best_presets_compose_with_their_recipes():
     assert aug.data.augment.strength > 0 and aug.data.deskew  # deskewed, then distorted
     assert aug.data.augment.shift == aug.data.augment.shear == 0  # deskewing already centred and straightened
     assert aug.data.augment.rotate > 0 and aug.data.augment.elastic_alpha > 0
-    assert aug.model.hidden == best.model.hidden  # the same net
+    assert aug.model.hidden == best.model.hidden  # the same net...
+    assert best.model.norm == "none" and aug.model.norm == "batch"  # ...with batch norm, which won under augmentation
     assert _compose("experiment=best_aug").optimizer._target_ == "torch.optim.AdamW"
     refit = config.check(_compose("experiment=best_aug_refit"))
     assert refit.data.val_size == 0 and aug.data.val_size == 5000  # all 60,000, after the choice on 55,000

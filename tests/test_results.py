@@ -38,7 +38,8 @@ def test_groups_seeds_of_one_recipe_and_ranks_recipes(tmp_path):
     for seed, acc in ((0, 0.990), (1, 0.992)):
         _run(client, exp, seed, 1024, acc)
     later = {"data.deskew": False, "trainer.tta_views": 0, "trainer.tta_strength": 0.25}
-    _run(client, exp, 2, 1024, 0.994, **later)  # logged after the keys existed: same recipe
+    # logged after the keys existed, and run with one thread beside another run: still the same recipe
+    _run(client, exp, 2, 1024, 0.994, **later, **{"device.threads": 1})
     _run(client, exp, 0, 128, 0.980, experiment_choice="None")
     _run(client, exp, 1, 128, 0.5, status="FAILED", experiment_choice="None")  # not counted
     batch_norm = {"model.norm": "batch"}
