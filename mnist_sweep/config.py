@@ -8,6 +8,7 @@ composes the config; a value of the right type but out of range (``model.hidden=
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,7 +362,13 @@ class Config:
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore; ``conf/`` YAML files extend them."""
+    """Put the schemas in Hydra's ConfigStore (``conf/`` YAML files extend them), and the ``${pid:}`` resolver."""
+    # Output folders end in the process id (conf/config.yaml, hydra.run.dir): two runs started in the same second
+    # (`python train.py seed=1 & python train.py seed=2 &`) would otherwise share one folder, each overwriting
+    # the other's .hydra/, log and checkpoint before logging them to MLflow. Cached, so the jobs of a parallel
+    # sweep resolve their sweep folder to the parent's.
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     # Per-option schemas live in their own group, so `optimizer=...` lists only the real presets.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -29,6 +30,15 @@ def test_defaults_compose_and_check():
     assert settings.model.hidden == 256 and settings.model.depth == 2
     assert settings.data.batch_size == 256 and settings.data.val_size == 5000
     assert cfg.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+
+
+def test_output_folders_end_in_the_process_id():
+    """Runs started in the same second get different folders (the end-to-end check: test_end_to_end.py)."""
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("outputs/") and cfg.hydra.run.dir.endswith(f"-{os.getpid()}")
+    assert cfg.hydra.sweep.dir.startswith("outputs/multirun/") and cfg.hydra.sweep.dir.endswith(f"-{os.getpid()}")
 
 
 @pytest.mark.parametrize("override", [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import signal
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -107,6 +108,28 @@ def test_grid_sweep_one_run_per_value(tmp_path, mnist_root, cache_dir):
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [1]
         assert r.data.metrics["test/acc"] > 0.9
     assert (tmp_path / "outputs" / "multirun").is_dir()
+
+
+def test_runs_started_together_keep_their_own_folders(tmp_path, mnist_root, cache_dir):
+    """Two seeds launched side by side (`python train.py seed=1 & python train.py seed=2 &`) start in the same
+    second: each must still log its own .hydra/ overrides, config and checkpoint (they once shared one folder)."""
+    common = ("trainer.epochs=1", "model.hidden=32", "mlflow.log_model=false", f"data.root={mnist_root}")
+    procs = [start_train_py(*common, f"data.cache_dir={cache_dir}", f"seed={s}", cwd=tmp_path) for s in (1, 2)]
+    for proc in procs:
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-3000:]
+    folders = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(folders) == 2, folders
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 2
+    for run in runs:
+        seed = run.data.params["seed"]
+        texts = {
+            path: Path(client.download_artifacts(run.info.run_id, path, str(tmp_path / run.info.run_id))).read_text()
+            for path in ("hydra/overrides.yaml", "config.yaml", "checkpoint/config.yaml")
+        }
+        assert f"- seed={seed}\n" in texts["hydra/overrides.yaml"]
+        assert f"\nseed: {seed}\n" in texts["config.yaml"] and f"\nseed: {seed}\n" in texts["checkpoint/config.yaml"]
 
 
 def test_refit_on_all_training_images_logs_no_validation(tmp_path, mnist_root, cache_dir):

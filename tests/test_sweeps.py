@@ -194,6 +194,14 @@ def test_resume_after_kill_9_finishes_each_config_exactly_once(tmp_path, mnist_r
         assert [m.step for m in client.get_metric_history(t.info.run_id, "val/acc")] == [1, 2, 3]
 
 
+def _one_sweep_folder(workdir, jobs: int) -> None:
+    """Jobs in worker processes resolve the sweep folder (which ends in the process id) to their parent's."""
+    sweeps = [p for p in (workdir / "outputs" / "multirun").glob("*/*") if p.is_dir()]
+    assert len(sweeps) == 1, sweeps
+    jobs_run = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())  # not .submitit/
+    assert jobs_run == [str(n) for n in range(jobs)]
+
+
 def test_parallel_trials_on_a_fresh_store_lose_nothing(tmp_path, mnist_root, cache_dir):
     proc = train_py(
         "-m",
@@ -220,6 +228,7 @@ def test_parallel_trials_on_a_fresh_store_lose_nothing(tmp_path, mnist_root, cac
             assert [m.step for m in client.get_metric_history(t.info.run_id, key)] == [1], key
         assert {"test/acc", "best_val/acc", "train_time_s"} <= set(t.data.metrics)
     assert len(_leaderboard(client, parents[0].info.run_id)) == 4
+    _one_sweep_folder(tmp_path, jobs=4)
 
 
 def test_submitit_local_runs_each_trial_in_its_own_process(tmp_path, mnist_root, cache_dir):
@@ -238,6 +247,7 @@ def test_submitit_local_runs_each_trial_in_its_own_process(tmp_path, mnist_root,
     pids = {t.data.tags["owner.pid"] for t in trials} | {parents[0].data.tags["owner.pid"]}
     assert len(pids) == 3
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
+    _one_sweep_folder(tmp_path, jobs=2)
     assert (tmp_path / "outputs" / "multirun").is_dir()
 
 
