@@ -4,9 +4,10 @@
     python -m mnist_sweep.bench_tta RUN_DIR [RUN_DIR ...] --test S  # and the test set, for the chosen strength S
 
 Each RUN_DIR is a finished run's output folder (``outputs/...``: it holds ``checkpoint/model.pt`` and
-``.hydra/overrides.yaml``). Its net is rebuilt from the checkpoint and its data from its overrides, so it is
-scored on the very validation split it was chosen on. Each validation image is scored as it is, then with TTA:
-the class probabilities averaged over the image and ``--views`` distorted copies, at each of ``--strengths``
+``.hydra/overrides.yaml``) or its MLflow artifacts folder (``mlruns/<experiment id>/<run id>/artifacts``). Its
+net is rebuilt from the checkpoint and its data from its overrides, so it is scored on the very validation split
+it was chosen on. Each validation image is scored as it is, then with TTA: the class probabilities averaged over
+the image and ``--views`` distorted copies, at each of ``--strengths``
 (multiples of the run's own ``data.augment`` magnitudes). The copies come from a generator seeded with
 ``--tta-seed``, so a rerun gives the same numbers.
 
@@ -16,11 +17,17 @@ docs/BENCHMARKS-tta.md (``--out``).
 
 ``--ensemble`` adds one more row: the runs' nets voting together (their probabilities averaged, no TTA), an
 ensemble of N nets that cost N runs' training time.
+
+``--recalibrate`` adds one more column, for nets with batch norm (``model.norm=batch``): plain validation accuracy
+after each BatchNorm's running mean and variance are estimated again, as a plain average over one pass of the
+clean training split (deskewed where the run deskewed, never distorted), in place of training's running average
+over its last distorted batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -44,6 +51,7 @@ class Scored:
     seconds: dict[float, float]  # strength -> seconds to score the validation split
     # --ensemble: split -> (plain probabilities, labels)
     votes: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    recalibrated: float | None = None  # --recalibrate: plain val accuracy with batch norm re-estimated
 
 
 def load_run(folder: Path, device: str, root: str | None):
@@ -52,14 +60,22 @@ def load_run(folder: Path, device: str, root: str | None):
     from mnist_sweep.app import make_loaders
     from mnist_sweep.bench import compose
 
-    ckpt_path, overrides_path = folder / "checkpoint" / "model.pt", folder / ".hydra" / "overrides.yaml"
+    # An output folder keeps Hydra's files in .hydra/; MLflow logs them as hydra/ among the run's artifacts.
+    hydra_dir = folder / (".hydra" if (folder / ".hydra").is_dir() else "hydra")
+    ckpt_path, overrides_path = folder / "checkpoint" / "model.pt", hydra_dir / "overrides.yaml"
     for path in (ckpt_path, overrides_path):
         if not path.is_file():
-            raise SystemExit(f"{path} not found: give the output folder of a finished run (outputs/...)")
+            raise SystemExit(
+                f"{path} not found: give the output folder of a finished run (outputs/...) "
+                "or its MLflow artifacts folder (mlruns/<experiment id>/<run id>/artifacts)"
+            )
     # Hydra's own settings (a launcher, say) do not change the data or the net.
     overrides = [o for o in OmegaConf.load(overrides_path) if not o.lstrip("+~").startswith("hydra")]
     overrides += [f"device={device}"] + ([f"data.root={root}"] if root else [])
     _, settings = compose(overrides)
+    # The seed the net was trained with, from the config saved beside its weights (runs started in the same
+    # second once shared a folder, and one's .hydra/ then held the other's overrides).
+    settings.seed = OmegaConf.load(folder / "checkpoint" / "config.yaml").seed
     net = model.load_checkpoint(ckpt_path).net  # the trained net, without the export's own preprocessing
     dev = training.resolve_device(settings.device.type)
     loaders = make_loaders(settings, dev, torch.Generator().manual_seed(0))
@@ -94,7 +110,31 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
     if a.ensemble:
         splits = {"val": loaders.val, **({"test": loaders.test} if test is not None else {})}
         result.votes = {k: _probabilities(net, loader, dev, precision) for k, loader in splits.items()}
+    if a.recalibrate:
+        if not any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()):
+            raise SystemExit(f"{folder}: --recalibrate needs a net with batch norm (model.norm=batch)")
+        clean = recalibrate(copy.deepcopy(net), loaders.train, dev, precision)  # the net itself stays as trained
+        result.recalibrated = training.evaluate(clean, loaders.val, dev, classes, precision).acc
     return result
+
+
+@torch.no_grad()
+def recalibrate(net: torch.nn.Module, loader, dev, precision: str) -> torch.nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance over one pass of ``loader`` (a plain average)."""
+    from mnist_sweep import training
+
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the batches, not an exponential one
+    net.train()  # batch norm updates its running statistics only in training mode (no_grad: nothing else moves)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()  # no dropout while measuring: evaluation runs without it
+    for x, _ in loader:
+        with training.autocast(dev, precision):
+            net(x.to(dev))
+    return net.eval()
 
 
 def _tested(test: float | None) -> list[float]:
@@ -138,27 +178,43 @@ def markdown(command: str, views: int, strengths: list[float], test: float | Non
     def pct(v: float) -> str:
         return f"{100 * v:.2f}"
 
-    head = ["run", "seed", *(f"val {name(s)}" for s in columns)]
+    recalibrated = rows[0].recalibrated is not None
+    head = ["run", "seed", *(f"val {name(s)}" for s in columns)] + (["val recalibrated"] if recalibrated else [])
     head += [f"test {name(s)}" for s in _tested(test)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [f"`{r.run}`", str(r.seed), *(pct(r.val[s]) for s in columns)]
+        cells += [pct(r.recalibrated)] if recalibrated else []
         cells += [pct(r.test[s]) for s in _tested(test)]
         lines.append("| " + " | ".join(cells) + " |")
     mean = {s: statistics.mean(r.val[s] for r in rows) for s in columns}
     cells = ["mean", "", *(pct(mean[s]) for s in columns)]
+    cells += [pct(statistics.mean(r.recalibrated for r in rows))] if recalibrated else []
     cells += [pct(statistics.mean(r.test[s] for r in rows)) for s in _tested(test)]
     lines.append("| " + " | ".join(cells) + " |")
     if rows[0].votes:
         voted = ensemble(rows)
         cells = [f"ensemble of the {len(rows)} nets (mean vote)", "", pct(voted["val"]), *["-"] * len(strengths)]
+        cells += ["-"] if recalibrated else []
         cells += [pct(voted["test"]), *["-"] * (len(_tested(test)) - 1)] if test is not None else []
         lines.append("| " + " | ".join(cells) + " |")
     best = max(strengths, key=lambda s: mean[s]) if strengths else 0.0
     cost = statistics.mean(r.seconds[best] / r.seconds[0.0] for r in rows) if strengths else 1.0
+    runs = f"mean of {len(rows)} run{'s' if len(rows) > 1 else ''}"
+    gain = pct(mean[best] - mean[0.0])
+    if not strengths:
+        summary = f"Plain evaluation only ({runs})"
+    elif mean[best] > mean[0.0]:
+        summary = f"Best on validation: {name(best)}, {gain} points over plain ({runs}), at {cost:.1f}x its time"
+    else:
+        summary = f"Best on validation: plain; the best TTA ({name(best)}, {cost:.1f}x the time): {gain} ({runs})"
+    if recalibrated:
+        change = pct(statistics.mean(r.recalibrated for r in rows) - mean[0.0])
+        summary += f". Batch norm recalibrated on the clean training images: {change} points against plain"
+    summary += "."
     return "\n".join(
         [
-            "# Test-time augmentation",
+            "# Test-time augmentation" + (" and batch-norm recalibration" if recalibrated else ""),
             "",
             f"Command: `{command}`",
             "",
@@ -166,12 +222,18 @@ def markdown(command: str, views: int, strengths: list[float], test: float | Non
             "",
             f"Each run's validation split scored as it is (plain) and with test-time augmentation (TTA {{strength}}): "
             f"the class probabilities averaged over the image and {views} distorted copies, the run's own "
-            "data.augment magnitudes times the strength. Accuracies in %.",
+            "data.augment magnitudes times the strength. "
+            + (
+                "Val recalibrated: plain, after each BatchNorm's running mean and variance were estimated again "
+                "over one pass of the clean (undistorted) training split. "
+                if recalibrated
+                else ""
+            )
+            + "Accuracies in %.",
             "",
             *lines,
             "",
-            f"Best on validation: {name(best)}, {pct(mean[best] - mean[0.0])} points over plain "
-            f"(mean of {len(rows)} run{'s' if len(rows) > 1 else ''}), at {cost:.1f}x the plain evaluation's time.",
+            summary,
             "",
         ]
     )
@@ -186,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         "--test", type=float, default=None, metavar="S", help="score the test set at strength S (0: plain)"
     )
     parser.add_argument("--ensemble", action="store_true", help="also score the runs' nets voting together")
+    parser.add_argument(
+        "--recalibrate", action="store_true", help="also score them with batch norm re-estimated on clean images"
+    )
     parser.add_argument("--tta-seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", default=None, help="where the MNIST files are, if not where the runs read them")

@@ -11,6 +11,7 @@ import re
 import mlflow
 import pytest
 import torch
+from torch import nn
 
 from conftest import tiny_fit, train_py
 from mnist_sweep import bench, bench_augment, bench_denormal, bench_dropout, bench_search, bench_tta, model, training
@@ -303,10 +304,41 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
     assert [c.strip() for c in row.strip("|").split("|")][2:] == [cells[2], "-", cells[5], "-"]
     assert bench_tta.main([run, "--views", "1", "--strengths", "1", "--test", "0", "--out", str(out)]) == 0
     assert "| test plain |" in out.read_text() and "test TTA" not in out.read_text()  # plain chosen: plain only
+    # The same run, read back from what MLflow logged (hydra/ and checkpoint/ among its artifacts).
+    logged = str(next((tmp_path / "mlruns").glob("*/*/artifacts/checkpoint")).parent)
+    assert bench_tta.main([logged, "--views", "1", "--strengths", "1", "--out", str(out)]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith(f"| `{logged}`"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:3] == ["0", cells[2]]
     with pytest.raises(SystemExit):
         bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
     with pytest.raises(SystemExit, match="not found"):
         bench_tta.main([str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="batch norm"):
+        bench_tta.main([run, "--strengths", "1", "--recalibrate", "--out", str(out)])  # the run had none
+
+
+def test_recalibrate_averages_batch_norm_statistics_over_the_clean_images():
+    """Each BatchNorm's running mean and variance become its inputs' plain averages over the loader's batches,
+    with dropout off, and the weights do not move."""
+    torch.manual_seed(0)
+    net = model.MLP(in_features=6, hidden=5, depth=2, norm="batch", dropout=0.5)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.fill_(7.0)  # what training's running average left behind
+    batches = [(torch.randn(8, 6) * 3 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "batches" not in k}
+    bench_tta.recalibrate(net, batches, torch.device("cpu"), "fp32")
+    assert not net.training
+    linear1, norm1, linear2, norm2 = net.net[1], net.net[2], net.net[5], net.net[6]
+    with torch.no_grad():
+        h1 = [linear1(x) for x, _ in batches]
+        # Inside the pass each batch is normalised by its own statistics, as in training; the second layer's
+        # inputs come without dropout, as in evaluation.
+        h2 = [linear2(torch.relu(nn.functional.batch_norm(h, None, None, norm1.weight, norm1.bias, True))) for h in h1]
+    for norm, h in ((norm1, h1), (norm2, h2)):
+        assert torch.allclose(norm.running_mean, torch.stack([b.mean(0) for b in h]).mean(0), atol=1e-5)
+        assert torch.allclose(norm.running_var, torch.stack([b.var(0) for b in h]).mean(0), atol=1e-5)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_a_run_with_test_time_augmentation_reports_what_bench_tta_measures(tmp_path, mnist_root, cache_dir):
