@@ -3,9 +3,10 @@
     python -m mnist_sweep.bench_tta RUN_DIR [RUN_DIR ...]          # validation only
     python -m mnist_sweep.bench_tta RUN_DIR [RUN_DIR ...] --test S  # and the test set, for the chosen strength S
 
-Each RUN_DIR is a finished run's output folder (``outputs/...``: it holds ``checkpoint/model.pt`` and
-``.hydra/overrides.yaml``) or its MLflow artifacts folder (``mlruns/<experiment id>/<run id>/artifacts``). Its
-net is rebuilt from the checkpoint and its data from its overrides, so it is scored on the very validation split
+Each RUN_DIR is a finished run's output folder (``outputs/...``) or its MLflow artifacts folder
+(``mlruns/<experiment id>/<run id>/artifacts``): either holds ``checkpoint/model.pt`` and the config saved beside
+it, ``checkpoint/config.yaml``. Its net is rebuilt from the one and its data from the other, so it is scored on
+the very validation split
 it was chosen on. Each validation image is scored as it is, then with TTA: the class probabilities averaged over
 the image and ``--views`` distorted copies, at each of ``--strengths``
 (multiples of the run's own ``data.augment`` magnitudes). The copies come from a generator seeded with
@@ -55,27 +56,28 @@ class Scored:
 
 
 def load_run(folder: Path, device: str, root: str | None):
-    """The run's settings (from its overrides), net (from its checkpoint) and data loaders."""
-    from mnist_sweep import model, training
+    """The run's settings (the config saved beside its weights), net (from its checkpoint) and data loaders."""
+    from mnist_sweep import config, model, training
     from mnist_sweep.app import make_loaders
     from mnist_sweep.bench import compose
 
-    # An output folder keeps Hydra's files in .hydra/; MLflow logs them as hydra/ among the run's artifacts.
-    hydra_dir = folder / (".hydra" if (folder / ".hydra").is_dir() else "hydra")
-    ckpt_path, overrides_path = folder / "checkpoint" / "model.pt", hydra_dir / "overrides.yaml"
-    for path in (ckpt_path, overrides_path):
+    ckpt_path, saved_path = folder / "checkpoint" / "model.pt", folder / "checkpoint" / "config.yaml"
+    for path in (ckpt_path, saved_path):
         if not path.is_file():
             raise SystemExit(
                 f"{path} not found: give the output folder of a finished run (outputs/...) "
                 "or its MLflow artifacts folder (mlruns/<experiment id>/<run id>/artifacts)"
             )
-    # Hydra's own settings (a launcher, say) do not change the data or the net.
-    overrides = [o for o in OmegaConf.load(overrides_path) if not o.lstrip("+~").startswith("hydra")]
-    overrides += [f"device={device}"] + ([f"data.root={root}"] if root else [])
-    _, settings = compose(overrides)
-    # The seed the net was trained with, from the config saved beside its weights (runs started in the same
-    # second once shared a folder, and one's .hydra/ then held the other's overrides).
-    settings.seed = OmegaConf.load(folder / "checkpoint" / "config.yaml").seed
+    # The config saved beside the weights is the one the net was trained with, resolved; not .hydra/overrides.yaml,
+    # which two runs started in the same second once shared (one's folder then held the other's overrides).
+    # Only where to run and where the digits are come from this command: the device preset it names, composed
+    # as `python train.py device=...` would, and --data-root.
+    here, _ = compose([f"device={device}"])
+    saved = OmegaConf.merge(OmegaConf.structured(config.Config), OmegaConf.load(saved_path))
+    saved.device = here.device
+    if root:
+        saved.data.root = root
+    settings = config.check(saved)
     net = model.load_checkpoint(ckpt_path).net  # the trained net, without the export's own preprocessing
     dev = training.resolve_device(settings.device.type)
     loaders = make_loaders(settings, dev, torch.Generator().manual_seed(0))
@@ -111,8 +113,6 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
         splits = {"val": loaders.val, **({"test": loaders.test} if test is not None else {})}
         result.votes = {k: _probabilities(net, loader, dev, precision) for k, loader in splits.items()}
     if a.recalibrate:
-        if not any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()):
-            raise SystemExit(f"{folder}: --recalibrate needs a net with batch norm (model.norm=batch)")
         clean = recalibrate(copy.deepcopy(net), loaders.train, dev, precision)  # the net itself stays as trained
         result.recalibrated = training.evaluate(clean, loaders.val, dev, classes, precision).acc
     return result
@@ -124,6 +124,8 @@ def recalibrate(net: torch.nn.Module, loader, dev, precision: str) -> torch.nn.M
     from mnist_sweep import training
 
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise SystemExit("--recalibrate needs a net with batch norm (model.norm=batch)")
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # None: a cumulative average over the batches, not an exponential one

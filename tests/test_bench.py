@@ -304,7 +304,14 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
     assert [c.strip() for c in row.strip("|").split("|")][2:] == [cells[2], "-", cells[5], "-"]
     assert bench_tta.main([run, "--views", "1", "--strengths", "1", "--test", "0", "--out", str(out)]) == 0
     assert "| test plain |" in out.read_text() and "test TTA" not in out.read_text()  # plain chosen: plain only
-    # The same run, read back from what MLflow logged (hydra/ and checkpoint/ among its artifacts).
+    # The net is scored with the config saved beside its weights, whatever .hydra/ says: two runs started in the
+    # same second once shared a folder, and one's .hydra/overrides.yaml then held the other's.
+    other = f"- data.root={mnist_root}\n- data.val_size=100\n- model.norm=batch\n"
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text(other)
+    assert bench_tta.main([run, "--views", "1", "--strengths", "1", "--out", str(out)]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith(f"| `{run}`"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:3] == ["0", cells[2]]
+    # The same run, read back from what MLflow logged (checkpoint/ among its artifacts).
     logged = str(next((tmp_path / "mlruns").glob("*/*/artifacts/checkpoint")).parent)
     assert bench_tta.main([logged, "--views", "1", "--strengths", "1", "--out", str(out)]) == 0
     row = next(ln for ln in out.read_text().splitlines() if ln.startswith(f"| `{logged}`"))
