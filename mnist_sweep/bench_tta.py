@@ -6,10 +6,9 @@
 Each RUN_DIR is a finished run's output folder (``outputs/...``) or its MLflow artifacts folder
 (``mlruns/<experiment id>/<run id>/artifacts``): either holds ``checkpoint/model.pt`` and the config saved beside
 it, ``checkpoint/config.yaml``. Its net is rebuilt from the one and its data from the other, so it is scored on
-the very validation split
-it was chosen on. Each validation image is scored as it is, then with TTA: the class probabilities averaged over
-the image and ``--views`` distorted copies, at each of ``--strengths``
-(multiples of the run's own ``data.augment`` magnitudes). The copies come from a generator seeded with
+the very validation split it was chosen on. Each validation image is scored as it is, then with TTA: the class
+probabilities averaged over the image and ``--views`` distorted copies, at each of ``--strengths`` (multiples of
+the run's own ``data.augment`` magnitudes). The copies come from a generator seeded with
 ``--tta-seed``, so a rerun gives the same numbers.
 
 The choice is made on validation only: the test set is scored only with ``--test S``, for the one strength
