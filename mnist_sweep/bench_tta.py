@@ -112,7 +112,10 @@ def score(folder: Path, strengths: list[float], views: int, test: float | None, 
         splits = {"val": loaders.val, **({"test": loaders.test} if test is not None else {})}
         result.votes = {k: _probabilities(net, loader, dev, precision) for k, loader in splits.items()}
     if a.recalibrate:
-        clean = recalibrate(copy.deepcopy(net), loaders.train, dev, precision)  # the net itself stays as trained
+        try:
+            clean = recalibrate(copy.deepcopy(net), loaders.train, dev, precision)  # the net itself stays as trained
+        except ValueError as e:
+            raise SystemExit(f"{folder}: {e}") from None
         result.recalibrated = training.evaluate(clean, loaders.val, dev, classes, precision).acc
     return result
 
@@ -124,7 +127,7 @@ def recalibrate(net: torch.nn.Module, loader, dev, precision: str) -> torch.nn.M
 
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        raise SystemExit("--recalibrate needs a net with batch norm (model.norm=batch)")
+        raise ValueError("--recalibrate needs a net with batch norm (model.norm=batch)")
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # None: a cumulative average over the batches, not an exponential one

@@ -320,7 +320,7 @@ def test_bench_tta_rescores_a_finished_run_on_its_own_validation_split(tmp_path,
         bench_tta.main([run, "--strengths", "0.5", "--test", "1", "--out", str(out)])  # test only where validated
     with pytest.raises(SystemExit, match="not found"):
         bench_tta.main([str(tmp_path), "--out", str(out)])
-    with pytest.raises(SystemExit, match="batch norm"):
+    with pytest.raises(SystemExit, match=f"^{re.escape(run)}: --recalibrate needs a net with batch norm"):
         bench_tta.main([run, "--strengths", "1", "--recalibrate", "--out", str(out)])  # the run had none
 
 
