@@ -1,17 +1,19 @@
 """mnist-sweep: Hydra-configured sweeps of a feedforward MNIST classifier, tracked in MLflow.
 
-The pipeline, one module per step:
+The pipeline, one module per step, in the order a run happens (``run.py`` calls them):
 
-    config.py    the schema every run is checked against (Hydra ConfigStore)
-    data.py      the raw material: IDX files -> checked -> tensors / torchvision datasets -> batches
-    augment.py   new variants of the material: random distortions of each training batch, on the device
+    config.py    the schema every run is checked against (Hydra ConfigStore): every default, once
+    data.py      the boxes and the conveyor belts: IDX files -> checked -> tensors -> batches
+    augment.py   new variants of the book's pages: random distortions of each training batch, on the device
     model.py     the student: a feedforward net of any width and depth
-    training.py  the lessons: optimiser, schedule, the train/evaluate loop
-    tracking.py  the lab notebook: everything MLflow sees
-    app.py       the one place that talks to Hydra; train.py calls it
+    training.py  the lessons and the exams: the train/evaluate loop
+    tracking.py  the lab notebook: the one module that talks to MLflow
+    run.py       the task, step by step: the one module that reads Hydra's state; train.py calls it
+    cli.py       the command line: one line for every mistake, exit codes
 
-Around it: sweep.py (a sweep as one MLflow parent run, and its leaderboard), search.py (the Optuna sweeper),
-results.py and plots.py (reports from MLflow), and the bench*.py scripts that measure speed and accuracy.
+A sweep: sweep.py is the launcher's side (parent run, leaderboard), trial.py each trial's side (joining it,
+resume, dividing the machine); search.py is the Optuna sweeper (hydra_plugins/ registers it); plots.py draws
+the pictures. Measurements live outside the package, in benchmarks/.
 """
 
 __version__ = "0.1.0"

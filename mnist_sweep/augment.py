@@ -38,7 +38,7 @@ class Augment:
         self.alpha, self.sigma = elastic_alpha, elastic_sigma
         self._bases: dict[tuple, torch.Tensor] = {}  # the elastic field's linear map, per image size and device
         # Where the random numbers come from: torch's global generator (seeded by the run's seed) in training;
-        # a generator of its own where the distortions must not disturb the run's random stream (bench_tta).
+        # a generator of its own where the distortions must not disturb the run's random stream.
         self.generator = generator
 
     @property
@@ -123,3 +123,9 @@ class Augment:
             points = torch.eye(gh * gw, device=device).view(gh * gw, 1, gh, gw)
             self._bases[key] = self._smooth(points, h, w).view(gh * gw, h * w)
         return self._bases[key]
+
+
+def from_config(a) -> Augment | None:
+    """The training batches' distortion for ``data.augment`` (config.AugmentConfig), or None when it is off."""
+    augment = Augment(a.strength, a.rotate, a.shear, a.scale, a.shift, a.elastic_alpha, a.elastic_sigma)
+    return augment if augment.active else None

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import UserError
+from mnist_sweep.config import flatten
 
 log = logging.getLogger("mnist_sweep.search")
 
@@ -365,8 +366,6 @@ NOT_IN_PRESET = ("hydra.", "hydra/", "optuna.", "mlflow.", "data.root", "data.ca
 
 def _leaves(cfg: DictConfig) -> dict[str, Any]:
     """The task config's values by dotted key (``trainer.epochs``), interpolations unresolved; hydra's left out."""
-    from mnist_sweep.config import flatten
-
     return flatten({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
 
 

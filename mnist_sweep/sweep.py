@@ -1,18 +1,19 @@
 """A sweep is one thing in MLflow: a parent run, its trials nested under it, and a leaderboard at the end.
 
 ``python train.py -m KEY=a,b ...`` goes through Hydra's sweeper and launcher; this module hooks into it with
-a Hydra callback (``hydra.callbacks.sweep`` in ``conf/config.yaml``) and a few calls from ``app.py``:
+a Hydra callback (``hydra.callbacks.sweep`` in ``conf/config.yaml``); what happens inside each trial is
+``trial.py``'s part:
 
 * **before any trial** (``on_multirun_start``, in the launching process): the tracking store and the
   experiment are prepared once - so parallel trials never race to create SQLite tables - runs that a killed
   launch left RUNNING are closed as KILLED, and the parent run is created with the sweep's definition
   (overrides, sweeper, launcher, number of trials) and the absolute ``hydra.sweep.dir`` as a tag;
-* **each trial** (``app.run``, wherever it runs: this process, a joblib worker, a submitit job on another
-  machine) finds its parent by that tag, skips itself when the same config already FINISHED in the
+* **each trial** (``run.py`` and ``trial.py``, wherever it runs: this process, a joblib worker, a submitit
+  job on another machine) finds its parent by that tag, skips itself when the same config already FINISHED in the
   experiment (``sweep.rerun=true`` forces it), divides the CPU cores between parallel trials, and nests its
   run under the parent; ``on_job_end`` then records the trial's outcome on the parent (tag ``trial.<N>``);
 * **at the end** (``finish``, called by ``on_multirun_end`` and, because Hydra's basic sweeper raises the
-  first failed trial's exception instead of calling it, by ``app.cli`` too): the leaderboard (swept keys,
+  first failed trial's exception instead of calling it, by ``cli.py`` too): the leaderboard (swept keys,
   objective and status of every trial, mean ± std over seeds when ``seed`` is swept) is written as CSV,
   Markdown and a plot, logged on the parent, printed with the command that reruns the best trial, and the
   parent is closed FINISHED, FAILED (a trial failed) or KILLED (interrupted).
@@ -25,7 +26,6 @@ import io
 import json
 import logging
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -36,32 +36,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_sweep import config as schema
+from mnist_sweep import model, plots, tracking, trial
+from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
+
 log = logging.getLogger("mnist_sweep.sweep")
-
-ROLE = "mnist_sweep.role"  # "sweep" on a parent run
-SWEEP_DIR = "hydra.sweep.dir"  # absolute path: the parent and every trial carry it
-TRIAL_PREFIX = "trial."  # parent tag per trial: JSON outcome
-OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation accuracy)
-OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
-
-
-def _finite(value: Any) -> float | None:
-    """A trial's objective, or None for one that has none (NaN: data.val_size=0 left no validation split)."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-# ------------------------------------------------------------------------------------------------------------
-# What a sweep is: its directory, its swept keys, its size
-# ------------------------------------------------------------------------------------------------------------
-
-
-def sweep_dir(hydra_cfg) -> str:
-    """The absolute sweep folder, the same in every process of the sweep (relative to the launch folder)."""
-    path = Path(str(hydra_cfg.sweep.dir)).expanduser()
-    if not path.is_absolute():
-        base = OmegaConf.select(hydra_cfg, "runtime.cwd") or os.getcwd()
-        path = Path(base) / path
-    return str(path.resolve())
 
 
 def _parse(overrides: list[str]):
@@ -108,38 +87,6 @@ def _name(overrides: list[str], exclude: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def parallel_jobs(launcher: DictConfig | None, n_trials: int | None, cores: int) -> int:
-    """How many trials of this sweep run at once on one machine, from the launcher's settings."""
-    if launcher is None:
-        return 1
-    target = str(launcher.get("_target_", ""))
-    if target.endswith("JoblibLauncher"):
-        n = int(launcher.get("n_jobs") or 1)
-        n = cores + 1 + n if n < 0 else n  # joblib: -1 = all cores, -2 = all but one...
-    elif target.endswith("LocalLauncher"):  # submitit_local starts every trial at once
-        n = n_trials or cores
-    else:
-        return 1
-    if n_trials:
-        n = min(n, n_trials)
-    return max(1, n)
-
-
-def trial_threads(launcher: DictConfig | None, n_trials: int | None, cores: int) -> int:
-    """torch threads for one trial so that parallel trials never oversubscribe the CPU (0 = torch's default)."""
-    if launcher is not None and str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
-        return int(launcher.get("cpus_per_task") or 0)  # the cluster gave each trial its own cores
-    n = parallel_jobs(launcher, n_trials, cores)
-    return 0 if n <= 1 else max(1, cores // n)
-
-
-def trial_device(device: str, job_num: int, n_parallel: int, n_gpus: int) -> str:
-    """Round-robin GPUs between parallel trials: ``cuda`` becomes ``cuda:<job % GPUs>``."""
-    if device == "cuda" and n_parallel > 1 and n_gpus > 1:
-        return f"cuda:{job_num % n_gpus}"
-    return device
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The launching process: start and finish the sweep
 # ------------------------------------------------------------------------------------------------------------
@@ -176,10 +123,7 @@ def active() -> Sweep | None:
 def start(config: DictConfig) -> Sweep:
     """Prepare the store once, close what killed launches left RUNNING, create the parent run."""
     global _ACTIVE
-    from mnist_sweep import app, tracking
-    from mnist_sweep import config as schema
-
-    app._quiet_libraries()
+    tracking.quiet()
     job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     schema.check(job_cfg)  # a bad non-swept value fails here, in one line, before the parent exists
     experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
@@ -193,7 +137,7 @@ def start(config: DictConfig) -> Sweep:
         ROLE: "sweep",
         SWEEP_DIR: folder,
         "sweep.swept_keys": json.dumps(spec["swept_keys"]),
-        **tracking.git_state(app.REPO),
+        **tracking.git_state(),
         **tracking.version_tags(),
     }
     command = "python " + " ".join(shlex.quote(a) for a in [_script(), *sys.argv[1:]])
@@ -240,8 +184,6 @@ def finish(error: BaseException | None = None) -> Summary | None:
     if sweep.summary is not None:
         return sweep.summary
     import mlflow
-
-    from mnist_sweep import tracking
 
     client = mlflow.MlflowClient()
     interrupted = isinstance(error, KeyboardInterrupt)
@@ -297,8 +239,6 @@ def log_best_model(client, run_id: str, model_format: str) -> None:
 
     import torch
 
-    from mnist_sweep import model, tracking
-
     if client.get_run(run_id).data.tags.get(tracking.MODEL_LOGGED) == "true":
         return  # a resumed sweep whose best trial already has its model
     with tempfile.TemporaryDirectory() as tmp:
@@ -349,7 +289,7 @@ def collect(client, sweep: Sweep) -> list[dict[str, Any]]:
             "trial": num,
             "overrides": json.loads(child.data.tags.get("trial.overrides", "[]")),
             "status": child.info.status,
-            "objective": _finite(child.data.metrics.get(OBJECTIVE_METRIC)),
+            "objective": trial.finite(child.data.metrics.get(OBJECTIVE_METRIC)),
             "run_id": child.info.run_id,
             "note": child.data.tags.get("error", ""),
         }
@@ -426,8 +366,6 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
 
 def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[Path]:
     """leaderboard.csv (one row per trial), leaderboard.md (and the seed summary), leaderboard.png."""
-    from mnist_sweep import plots
-
     folder.mkdir(parents=True, exist_ok=True)
     header, body = table(rows, keys)
     with open(folder / "leaderboard.csv", "w", newline="") as f:
@@ -479,96 +417,6 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
 # ------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Trial:
-    parent_id: str | None
-    num: int
-    n_trials: int | None
-    run_id: str | None = None
-    reused_from: str | None = None
-    objective: float | None = None
-    note: str = ""  # e.g. "pruned at epoch 2" (an Optuna search stopped it early)
-
-
-_TRIAL: Trial | None = None
-
-
-def find_parent(experiment_id: str, folder: str):
-    """The RUNNING sweep run whose ``hydra.sweep.dir`` is ``folder`` (newest first), or None."""
-    import mlflow
-    from mlflow.entities import ViewType
-
-    client = mlflow.MlflowClient()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{ROLE}` = 'sweep' and attributes.status = 'RUNNING'",
-        run_view_type=ViewType.ACTIVE_ONLY,
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )
-    return next((r for r in runs if r.data.tags.get(SWEEP_DIR) == folder), None)
-
-
-def begin_trial(experiment_id: str, hc) -> Trial:
-    """Called by app.run in a multirun trial: find the parent run, remember who we are for on_job_end."""
-    global _TRIAL
-    parent = find_parent(experiment_id, sweep_dir(hc))
-    if parent is None:
-        log.warning("no RUNNING sweep run for %s: this trial is logged as a top-level run", sweep_dir(hc))
-    n = parent.data.params.get("sweep.n_trials") if parent else None
-    _TRIAL = Trial(parent.info.run_id if parent else None, int(hc.job.num), int(n) if n and n.isdigit() else None)
-    return _TRIAL
-
-
-def previous_result(experiment_id: str, config_hash: str):
-    """The newest FINISHED run of this config in the experiment (with its objective), or None."""
-    import mlflow
-
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=20,
-    )
-    # A trial an Optuna search pruned stopped early: its objective is not the config's, so it is not reused.
-    return next((r for r in runs if OBJECTIVE_METRIC in r.data.metrics and r.data.tags.get("pruned") != "true"), None)
-
-
-def record(config: DictConfig, job_return) -> None:
-    """on_job_end: write this trial's outcome on the parent run (one tag, from whatever process ran it)."""
-    global _TRIAL
-    from hydra.core.utils import JobStatus
-
-    trial, _TRIAL = _TRIAL, None
-    try:
-        import mlflow
-
-        from mnist_sweep import tracking
-
-        num = int(config.hydra.job.num)
-        if trial is None or trial.num != num:  # failed before app.run found its parent: look it up here
-            experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
-            parent = find_parent(experiment_id, sweep_dir(config.hydra))
-            trial = Trial(parent.info.run_id if parent else None, num, None)
-        if trial.parent_id is None:
-            return
-        ok = job_return.status == JobStatus.COMPLETED
-        error = None if ok else job_return._return_value
-        row = {
-            "trial": num,
-            "overrides": list(job_return.overrides or []),
-            "status": "FINISHED" if ok else "FAILED",
-            "objective": _finite(job_return._return_value) if ok else None,
-            "run_id": trial.reused_from or trial.run_id,
-            "reused": trial.reused_from is not None,
-            "note": trial.note if ok else f"{type(error).__name__}: {error}"[:300],
-        }
-        tracking.Run(trial.parent_id).set_tags({f"{TRIAL_PREFIX}{num:04d}": json.dumps(row)})
-        mlflow.MlflowClient()  # keep the client warm for the next trial in this worker
-    except Exception as e:  # the trial's own run already tells its story; never turn success into failure here
-        log.error("could not record trial on the sweep run: %s", e)
-
-
 class StartFailed(BaseException):
     """Carries an error out of ``on_multirun_start``: Hydra turns a callback's Exception into a warning and
     goes on with the sweep, but a sweep whose store cannot be prepared must stop before any trial."""
@@ -594,4 +442,4 @@ class SweepCallback(Callback):
         from hydra.types import RunMode
 
         if config.hydra.mode == RunMode.MULTIRUN:
-            record(config, job_return)
+            trial.record(config, job_return)

@@ -27,20 +27,36 @@ import sqlite3
 import subprocess
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from filelock import FileLock
+
+import mnist_sweep
 from mnist_sweep import UserError
 
 log = logging.getLogger(__name__)
 
 MODEL_LOGGED = "model.logged"  # tag: this run holds a model logged with log_model
+REPO = Path(__file__).resolve().parent.parent  # the checkout, when run from one (git_state)
 
 
 class TrackingError(UserError):
     """The tracking store cannot be reached or prepared."""
+
+
+def quiet() -> None:
+    """MLflow and its database layer log every table migration and experiment creation at INFO: keep the
+    run's output to the run's own lines."""
+    import mlflow  # noqa: F401  (mlflow sets its own log level when imported: import first, then quieten)
+
+    for name in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -102,7 +118,7 @@ def prepare(tracking_uri: str, experiment: str) -> str:
     if scheme == "sqlite":
         db = sqlite_path(tracking_uri)
         db.parent.mkdir(parents=True, exist_ok=True)
-        lock = _file_lock(db.with_name(db.name + ".lock"))
+        lock = FileLock(db.with_name(db.name + ".lock"))  # between processes, on every OS
     mlflow.set_tracking_uri(tracking_uri)
     # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
     # half-made; the lock makes the first access (the switch to WAL and the migrations) one process at a time.
@@ -110,22 +126,6 @@ def prepare(tracking_uri: str, experiment: str) -> str:
         if db is not None:
             prepare_sqlite(db)
         return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock between processes on this machine (a no-op where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _experiment_id(client, tracking_uri: str, experiment: str) -> str:
@@ -196,7 +196,7 @@ def close_orphans(experiment_id: str) -> list[str]:
     return closed
 
 
-def git_state(repo: Path) -> dict[str, str]:
+def git_state(repo: Path = REPO) -> dict[str, str]:
     """Commit and dirtiness of the code that ran (empty when not in a git checkout)."""
     try:
         commit = subprocess.run(
@@ -220,8 +220,6 @@ def version_tags() -> dict[str, str]:
     import omegaconf
     import torch
 
-    import mnist_sweep
-
     return {
         "version.python": platform.python_version(),
         "version.torch": torch.__version__,
@@ -241,20 +239,17 @@ class Run:
         self.id = run_id
         self.client = mlflow.MlflowClient()
 
+    # MlflowClient.log_batch splits what it is given into batches the store accepts.
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.id, params=items[i : i + 100])
+        self.client.log_batch(self.id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+        self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -311,7 +306,7 @@ def start_run(
 ):
     """Open a run and guarantee it ends with the right status.
 
-    FINISHED on success; KILLED on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by app.py);
+    FINISHED on success; KILLED on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by cli.py);
     FAILED on any other exception, with the reason as the ``error`` tag and the traceback as ``traceback.txt``.
     """
     import mlflow

@@ -90,6 +90,48 @@ def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str
     return final + (1 - final) * shape
 
 
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (Linux's /proc/cpuinfo; empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# A CPU runs bf16 matmuls natively with AVX512_BF16 or AMX; without them torch emulates bf16 in fp32 and
+# converts on every operation: measured 20x slower than fp32 on an AVX2-only EPYC (docs/BENCHMARKS.md).
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether ``device`` computes in bf16 at full speed: CUDA GPUs that support it, CPUs with the flags above."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+    return False  # mps and the rest: fp32 is the safe choice
+
+
+def resolve_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> str:
+    """``auto`` -> bf16 where the device runs it natively, else fp32. An explicit bf16 is kept, with a warning
+    where it is emulated (it still computes the same thing, only slowly)."""
+    native = native_bf16(device, flags)
+    if requested == "auto":
+        return "bf16" if native else "fp32"
+    if requested == "bf16" and not native:
+        where = cpu_model() if device.type == "cpu" else device.type
+        log.warning(
+            "trainer.precision=bf16 on %s, which has no native bf16 (AVX512_BF16 or AMX): torch emulates it, "
+            "many times slower than fp32; trainer.precision=auto picks fp32 here",
+            where,
+        )
+    return requested
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast (matmuls in bfloat16, reductions in fp32) or nothing."""
     if precision == "bf16":
@@ -102,6 +144,7 @@ class Evaluation:
     loss: float
     acc: float
     confusion: torch.Tensor  # [true class, predicted class] counts
+    seconds: float = 0.0  # how long the evaluation took, where the caller timed it
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -116,14 +159,8 @@ def evaluate(
     device: torch.device,
     num_classes: int = 10,
     precision: str = "fp32",
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    views: int = 0,
-):
-    """Loss, accuracy and confusion matrix over a whole split. Sums stay on the device until the end.
-
-    With ``augment`` and ``views``: test-time augmentation. Each image's class probabilities are averaged over
-    the image itself and ``views`` distorted copies of it (``python -m mnist_sweep.bench_tta`` measures it).
-    """
+) -> Evaluation:
+    """Loss, accuracy and confusion matrix over a whole split. Sums stay on the device until the end."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
@@ -132,13 +169,6 @@ def evaluate(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
-            if augment is not None and views > 0:
-                probs = logits.float().softmax(-1)
-                for _ in range(views):
-                    probs += model(augment(x)).float().softmax(-1)
-                # The log of the mean probabilities: cross-entropy on it is the averaged vote's loss. (Floored at
-                # the smallest float, so a probability that underflowed to 0 gives a large loss, not infinity.)
-                logits = (probs / (views + 1)).clamp_min(torch.finfo(probs.dtype).tiny).log()
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         n += len(y)

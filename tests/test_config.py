@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
 from conftest import REPO
-from mnist_sweep import app, config, model
+from mnist_sweep import cli, config, model
 
 CONF = REPO / "conf"
 GROUPS = ["model", "optimizer", "scheduler", "data", "device", "trainer", "mlflow"]
@@ -73,7 +73,7 @@ def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
     with pytest.raises(ConfigCompositionException) as info:
         _compose("model.hidden=abc")
     assert isinstance(info.value.__cause__, ValidationError)
-    assert "model.hidden" in app.explain(info.value)
+    assert "model.hidden" in cli.explain(info.value)
     with pytest.raises(ConfigCompositionException):
         _compose("model.hiden=3")
     with pytest.raises(ConfigCompositionException):
@@ -95,8 +95,6 @@ def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
         ("model.input_dropout=1", "model.input_dropout"),
         ("model.members=0", "model.members=0"),
         ("mlflow.sweep_models=some", "mlflow.sweep_models"),
-        ("trainer.tta_views=-1", "trainer.tta_views=-1"),
-        ("trainer.tta_strength=0", "trainer.tta_strength=0"),
     ],
 )
 def test_out_of_range_values_are_rejected_before_any_work(override, message):
@@ -109,7 +107,7 @@ def test_missing_option_lists_the_choices():
 
     with pytest.raises(MissingConfigException) as info:
         _compose("optimizer=lion")
-    assert app.explain(info.value) == (
+    assert cli.explain(info.value) == (
         "optimizer=lion does not exist; choose one of: adam, adamw, sgd (e.g. optimizer=adam)"
     )
 
@@ -145,9 +143,3 @@ def test_what_chooses_by_val_acc_needs_a_validation_split(override):
     with pytest.raises(config.ConfigError, match=rf"{override.split('=')[0]}=\S+ is invalid: .*data.val_size=0"):
         config.check(_compose(override, "data.val_size=0"))
 
-
-def test_test_time_augmentation_needs_a_distortion_to_apply():
-    assert config.check(_compose("trainer.tta_views=8")).trainer.tta_views == 8  # the magnitudes, not strength
-    nothing = [f"data.augment.{k}=0" for k in ("rotate", "shear", "scale", "shift", "elastic_alpha")]
-    with pytest.raises(config.ConfigError, match=r"trainer.tta_views=8 is invalid: .*data.augment's magnitudes"):
-        config.check(_compose("trainer.tta_views=8", *nothing))

@@ -206,29 +206,3 @@ def test_on_epoch_can_stop_training(tiny_data, tmp_path):
     )
     assert [e.epoch for e in result.epochs] == [1, 2, 3] and result.best_epoch == 3
 
-
-def test_test_time_augmentation_averages_the_probabilities_of_the_image_and_its_copies():
-    torch.manual_seed(0)
-    net = model.build(hidden=16, depth=1).eval()
-    x, y = torch.randn(30, 1, 28, 28), torch.randint(0, 10, (30,))
-    cpu = torch.device("cpu")
-    plain = training.evaluate(net, [(x, y)], cpu)
-    # Copies identical to the image change nothing.
-    same = training.evaluate(net, [(x, y)], cpu, augment=lambda b: b, views=3)
-    assert same.acc == plain.acc and torch.equal(same.confusion, plain.confusion)
-    assert same.loss == pytest.approx(plain.loss, rel=1e-5)
-    # One copy that differs: the vote is the mean of the two probability vectors.
-    other = torch.randn_like(x)
-    tta = training.evaluate(net, [(x, y)], cpu, augment=lambda b: other, views=1)
-    with torch.no_grad():
-        probs = (net(x).softmax(-1) + net(other).softmax(-1)) / 2
-    assert tta.acc == (probs.argmax(1) == y).sum().item() / len(y)
-    assert tta.loss == pytest.approx(torch.nn.functional.nll_loss(probs.log(), y).item(), rel=1e-5)
-    assert tta.acc != plain.acc or tta.loss != pytest.approx(plain.loss)
-    # A vote that is certain and wrong costs a large but finite loss.
-    sure = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
-    with torch.no_grad():
-        sure[1].weight.zero_()
-        sure[1].bias.copy_(torch.tensor([1000.0] + [0.0] * 9))  # always class 0, with all its probability
-    wrong = training.evaluate(sure, [(x, torch.ones_like(y))], cpu, augment=lambda b: b, views=1)
-    assert wrong.acc == 0 and math.isfinite(wrong.loss) and wrong.loss > 50

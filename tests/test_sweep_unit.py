@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from mnist_sweep import sweep, tracking
+from mnist_sweep import sweep, tracking, trial
 
 
 def launcher(target: str, **kw):
@@ -32,14 +32,14 @@ def launcher(target: str, **kw):
     ],
 )
 def test_parallel_trials_divide_the_cores(conf, n_trials, cores, jobs, threads):
-    assert sweep.parallel_jobs(conf, n_trials, cores) == jobs
-    assert sweep.trial_threads(conf, n_trials, cores) == threads
+    assert trial.parallel_jobs(conf, n_trials, cores) == jobs
+    assert trial.trial_threads(conf, n_trials, cores) == threads
 
 
 def test_gpus_are_dealt_round_robin_to_parallel_trials():
-    assert [sweep.trial_device("cuda", k, 4, 2) for k in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
-    assert sweep.trial_device("cuda", 3, 1, 2) == "cuda"  # sequential trials keep the default device
-    assert sweep.trial_device("cuda", 3, 2, 1) == "cuda"
+    assert [trial.trial_device("cuda", k, 4, 2) for k in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert trial.trial_device("cuda", 3, 1, 2) == "cuda"  # sequential trials keep the default device
+    assert trial.trial_device("cuda", 3, 2, 1) == "cuda"
 
 
 def test_definition_counts_trials_and_names_swept_keys():
@@ -136,24 +136,24 @@ def test_previous_result_finds_only_finished_runs_of_the_same_config(store):
     failed = client.create_run(experiment_id, tags={"config_hash": "abc"})
     client.log_metric(failed.info.run_id, "best_val/acc", 0.5)
     client.set_terminated(failed.info.run_id, "FAILED")
-    assert sweep.previous_result(experiment_id, "abc") is None
+    assert trial.previous_result(experiment_id, "abc") is None
     done = client.create_run(experiment_id, tags={"config_hash": "abc"})
     client.log_metric(done.info.run_id, "best_val/acc", 0.97)
     client.set_terminated(done.info.run_id, "FINISHED")
     other = client.create_run(experiment_id, tags={"config_hash": "xyz"})
     client.set_terminated(other.info.run_id, "FINISHED")
-    found = sweep.previous_result(experiment_id, "abc")
+    found = trial.previous_result(experiment_id, "abc")
     assert found.info.run_id == done.info.run_id and found.data.metrics["best_val/acc"] == 0.97
-    assert sweep.previous_result(experiment_id, "xyz") is None  # finished, but without an objective
+    assert trial.previous_result(experiment_id, "xyz") is None  # finished, but without an objective
 
 
 def test_a_missing_launcher_plugin_is_named_with_its_package():
-    from mnist_sweep import app
+    from mnist_sweep import cli
 
     e = RuntimeError("Unknown plugin class : 'hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher'")
-    assert "pip install hydra-submitit-launcher" in app.explain(e)
+    assert "pip install hydra-submitit-launcher" in cli.explain(e)
     e = RuntimeError("Unknown plugin class : 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher'")
-    assert "pip install hydra-joblib-launcher" in app.explain(e)
+    assert "pip install hydra-joblib-launcher" in cli.explain(e)
 
 
 def test_processes_meeting_a_fresh_store_all_get_it_intact(tmp_path):
