@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
@@ -115,6 +116,12 @@ def cli(hydra_main) -> None:
             raise e
         print(f"error: {explain(e)}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+
+
+def fail(e: UserError) -> NoReturn:
+    """Print a user's mistake as one line and exit with its code."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def _hydra_usage_error(e: BaseException) -> bool:

@@ -31,7 +31,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import UserError, augment, config, data, model, plots, search, tracking, training, trial
-from mnist_sweep.cli import sigterm_to_interrupt
+from mnist_sweep.cli import fail, sigterm_to_interrupt
 
 log = logging.getLogger("mnist_sweep")
 
@@ -43,10 +43,10 @@ def task(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except UserError as e:
-        # In a sweep Hydra goes on to the next job and reports this one's error at the end: say it now. (A
-        # single run's error is printed once, by cli.py, as one line.)
-        if _in_sweep(_hydra()):
-            log.error("run failed: %s", e)
+        if not _in_sweep(_hydra()):
+            fail(e)  # a single run: one line and out, before Hydra adds its own report of the failed job
+        # In a sweep, Hydra goes on to the next job and reports this one's error at the end: say it now.
+        log.error("run failed: %s", e)
         raise
     except Exception as e:
         log.error("run failed: %s: %s", type(e).__name__, e)

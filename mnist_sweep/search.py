@@ -190,6 +190,7 @@ class OptunaSweeperImpl:
         self.config: DictConfig | None = None
         self.hydra_context = None
         self.job_idx = 0
+        self.storage: str | None = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -201,7 +202,6 @@ class OptunaSweeperImpl:
 
     def sweep(self, arguments: list[str]) -> list:
         import optuna
-        from hydra.core.utils import JobStatus
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         c = self.cfg
@@ -213,65 +213,83 @@ class OptunaSweeperImpl:
                 "data.val_size=0 leaves no validation split for the search to maximise: search with "
                 "data.val_size=5000, then refit the chosen preset on all 60,000 with data.val_size=0"
             )
-        storage = _absolute_sqlite(c.storage)
-        study_name = c.study_name or f"{self.config.mlflow.experiment}-search"
+        study = self._open_study()
+        # Every finished trial counts towards n_trials, as in the launch that ran it: a diverged (FAIL) trial is the
+        # search's outcome, not a slot to fill again. Only the interrupted ones, queued again, are rerun.
+        done = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+        remaining = c.n_trials - len(done)
+        log.info(
+            "study %r in %s: %d trials done, %d to run (%s)",
+            study.study_name,
+            self.storage,
+            len(done),
+            max(0, remaining),
+            ", ".join(f"{k} ~ {_describe(d)}" for k, d in space.items()),
+        )
+        failed, returns = 0, []
+        while remaining > 0:
+            n = min(c.n_jobs, remaining)
+            batch_failed, batch_returns = self._run_batch(study, [study.ask(space) for _ in range(n)], fixed)
+            failed += batch_failed
+            returns += batch_returns
+            remaining -= n
+        returns += self._conclude(study, fixed)
+        if failed:
+            raise SearchError(f"{failed} of the search's trials failed (see their MLflow runs' error tags)")
+        return returns
+
+    def _open_study(self):
+        """Create the study, or load it to resume, and queue again what a killed launch left RUNNING."""
+        import optuna
+
+        c = self.cfg
+        self.storage = _absolute_sqlite(c.storage)
         epochs = int(OmegaConf.select(self.config, "trainer.epochs", default=1))
         study = optuna.create_study(
-            study_name=study_name,
-            storage=storage,
+            study_name=c.study_name or f"{self.config.mlflow.experiment}-search",
+            storage=self.storage,
             direction=c.direction,
             sampler=optuna.samplers.TPESampler(seed=c.seed),
             pruner=make_pruner(c.pruner, c.warmup_epochs, c.startup_trials, epochs),
             load_if_exists=True,
         )
         self._rerun_interrupted(study)
-        # Every finished trial counts towards n_trials, as in the launch that ran it: a diverged (FAIL) trial is the
-        # search's outcome, not a slot to fill again. Only the interrupted ones, queued again above, are rerun.
-        done = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
-        remaining = c.n_trials - len(done)
-        log.info(
-            "study %r in %s: %d trials done, %d to run (%s)",
-            study_name,
-            storage,
-            len(done),
-            max(0, remaining),
-            ", ".join(f"{k} ~ {_describe(d)}" for k, d in space.items()),
-        )
-        failed = 0
-        returns = []
-        while remaining > 0:
-            n = min(c.n_jobs, remaining)
-            trials = [study.ask(space) for _ in range(n)]
-            batch = []
-            for trial in trials:
-                chosen = [as_override(k, v) for k, v in trial.params.items()]
-                batch.append(
-                    fixed
-                    + chosen
-                    + [
-                        f"optuna.storage={storage}",
-                        f"optuna.study={study_name}",
-                        f"optuna.trial={trial.number}",
-                        f"optuna.pruner={c.pruner}",
-                        f"optuna.warmup_epochs={c.warmup_epochs}",
-                        f"optuna.startup_trials={c.startup_trials}",
-                        "trainer.test=false",  # trials are judged on validation only
-                    ]
-                )
-            results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
-            self.job_idx += len(batch)
-            for trial, ret in zip(trials, results, strict=True):
-                frozen = study._storage.get_trial(trial._trial_id)
-                if ret.status == JobStatus.COMPLETED and PRUNED_ATTR in frozen.user_attrs:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                elif ret.status == JobStatus.COMPLETED:
-                    study.tell(trial, float(ret.return_value))
-                else:
-                    failed += 1
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                returns.append(ret)
-            remaining -= n
+        return study
 
+    def _run_batch(self, study, trials: list, fixed: list[str]) -> tuple[int, list]:
+        """Launch the asked trials together, then tell the study how each ended; returns (failed, returns)."""
+        import optuna
+        from hydra.core.utils import JobStatus
+
+        c = self.cfg
+        bookkeeping = [
+            f"optuna.storage={self.storage}",
+            f"optuna.study={study.study_name}",
+            f"optuna.pruner={c.pruner}",
+            f"optuna.warmup_epochs={c.warmup_epochs}",
+            f"optuna.startup_trials={c.startup_trials}",
+            "trainer.test=false",  # trials are judged on validation only
+        ]
+        batch = [
+            fixed + [as_override(k, v) for k, v in t.params.items()] + [*bookkeeping, f"optuna.trial={t.number}"]
+            for t in trials
+        ]
+        results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+        self.job_idx += len(batch)
+        failed = 0
+        for trial, ret in zip(trials, results, strict=True):
+            frozen = study._storage.get_trial(trial._trial_id)
+            if ret.status == JobStatus.COMPLETED and PRUNED_ATTR in frozen.user_attrs:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            elif ret.status == JobStatus.COMPLETED:
+                study.tell(trial, float(ret.return_value))
+            else:
+                failed += 1
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return failed, list(results)
+
+    def _conclude(self, study, fixed: list[str]) -> list:
+        """Name the best trial, write it as a preset and, with test_best, run it once with the test set."""
         best = study.best_trial
         log.info(
             "best trial #%d: val/acc %.4f with %s",
@@ -279,8 +297,9 @@ class OptunaSweeperImpl:
             best.value,
             " ".join(as_override(k, v) for k, v in best.params.items()),
         )
-        summary = self._write_preset(fixed, best, study_name)
-        if c.test_best:
+        summary = self._write_preset(fixed, best, study.study_name)
+        returns = []
+        if self.cfg.test_best:
             final = fixed + [as_override(k, v) for k, v in best.params.items()] + ["trainer.test=true"]
             (ret,) = self.launcher.launch([final], initial_job_idx=self.job_idx)
             self.job_idx += 1
@@ -288,8 +307,6 @@ class OptunaSweeperImpl:
             ret.return_value  # noqa: B018  (raises the job's error, if it failed)
         if summary:
             log.info("%s", summary)
-        if failed:
-            raise SearchError(f"{failed} of the search's trials failed (see their MLflow runs' error tags)")
         return returns
 
     def _rerun_interrupted(self, study) -> None:
