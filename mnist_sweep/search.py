@@ -147,13 +147,13 @@ def reporter(o, max_epochs: int) -> TrialReporter | None:
 
 @dataclass
 class OptunaSweeperConf:
-    _target_: str = "hydra_plugins.mnist_sweep_optuna.OptunaSweeper"
-    n_trials: int = 20
+    _target_: str = "hydra_plugins.mnist_sweep_optuna.OptunaSweeper"  # the sweeper class Hydra instantiates
+    n_trials: int = 20  # trials in the study, counting those a resumed study already ran
     n_jobs: int = 1  # trials launched together (use with hydra/launcher=joblib)
-    seed: int = 0
-    direction: str = "maximize"
+    seed: int = 0  # the TPE sampler's seed: the same seed asks the same configs
+    direction: str = "maximize"  # maximize the objective the task returns (validation accuracy)
     study_name: str | None = None  # default: the MLflow experiment's name + "-search"
-    storage: str | None = "sqlite:///mlruns/optuna.db"
+    storage: str | None = "sqlite:///mlruns/optuna.db"  # the study's database; relaunching resumes the study
     pruner: str = "median"  # none | median | asha | hyperband
     warmup_epochs: int = 1  # epochs every trial runs before it may be pruned
     startup_trials: int = 5  # trials that finish unpruned before pruning starts
