@@ -115,8 +115,8 @@ class Augment:
 
     def _basis(self, h: int, w: int, device) -> torch.Tensor:
         """_smooth as a matrix [gh * gw, h * w]: padding, blur and interpolation are all linear in the noise,
-        so _smooth of each coarse point alone, stacked, maps any noise to its field in one matmul. On the
-        project's CPU that made the whole distortion 2.1x faster (``python -m mnist_sweep.bench_augment``)."""
+        so _smooth of each coarse point alone, stacked, maps any noise to its field in one matmul (measured by
+        ``python -m benchmarks.augment``, docs/BENCHMARKS.md)."""
         key = (h, w, self.sigma, str(device))
         if key not in self._bases:
             gh, gw = self._coarse(h, w)

@@ -142,7 +142,7 @@ class SchedulerConfig:
         _require(self.final >= 0, "scheduler.final", self.final, "must be >= 0", "scheduler.final=0")
 
 
-# The data.augment magnitudes: each distortion's own, 0 switching it off (mnist_sweep.results names those).
+# The data.augment magnitudes: each distortion's own, 0 switching it off.
 DISTORTIONS = ("rotate", "shear", "scale", "shift", "elastic_alpha")
 
 

@@ -3,10 +3,11 @@
 #   1. one `best` net of 80 epochs (the preset then) and two-net ensembles (model.members=2) of `best` and
 #      `best_aug` (on raw digits, shifted and sheared, as it was then) for the same compute, seeds 0-2, three
 #      trials at a time on the one GPU (joblib);
-#   2. mnist_sweep.bench_search: the full search space (widths to 2048, depths to 3) with and without
+#   2. benchmarks.search: the full search space (widths to 2048, depths to 3) with and without
 #      Hyperband pruning, side by side, against (1)'s `best` runs as the reference.
 # Both write to SQLite stores under the work folder; the stores and the logs come back as one tarball, and
-# `python -m mnist_sweep.results` / `python -m mnist_sweep.bench_search --report-only` turn them into docs.
+# `python -m benchmarks.results` / `python -m benchmarks.search --report-only` turn them into docs (run from the
+# checkout: the benchmarks/ folder is not part of the installed package).
 #
 #   bash scripts/gpu_bench.sh DATA_ROOT OUT_DIR [quick|full] [SEARCH_EPOCHS]
 #
@@ -48,9 +49,10 @@ sweep() {  # $1 = a name for its log and folder, then overrides: three seeds, th
         hydra/launcher=joblib hydra.launcher.n_jobs=3 hydra.sweep.dir="$W/multirun/$name" >"$W/$name.log" 2>&1 &
 }
 search() {  # $1 = trials, $2 = epochs, $3 = trials at a time in each search
-    timeout "$LIMIT" python3 -m mnist_sweep.bench_search --pruner hyperband --device "$DEVICE" --data-root "$DATA" \
-        --trials "$1" --epochs "$2" --jobs "$3" --workdir "$W/search" --reference-experiment results \
-        --reference-uri "$STORE" --out "$W/BENCHMARKS-search-gpu.md" >>"$W/search.log" 2>&1 &
+    timeout "$LIMIT" python3 -m benchmarks.search --pruner hyperband --device "$DEVICE" --data-root "$DATA" \
+        --trials "$1" --epochs "$2" --jobs "$3" --workdir "$W/search" --name gpu-hyperband-$MODE \
+        --records "$W/records" --reference-experiment results --reference-uri "$STORE" \
+        --out "$W/BENCHMARKS-search.md" >>"$W/search.log" 2>&1 &
 }
 
 start=$(date +%s)
@@ -80,5 +82,5 @@ wait
 echo "all done in $(($(date +%s) - start)) s"
 for f in "$W"/*.log; do echo "== $f"; grep -E "epoch [0-9]+/|test/acc|val/acc|Error|error|Traceback" "$f" | tail -8; done
 tar -czf "$OUT/gpu-bench-$MODE.tar.gz" -C "$W" --exclude='*.pt' --exclude='*.pkl' --exclude=artifacts \
-    $(cd "$W" && ls -d *.db *.log *.md search multirun 2>/dev/null)
+    $(cd "$W" && ls -d *.db *.log *.md search records multirun 2>/dev/null)
 ls -la "$OUT"

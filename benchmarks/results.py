@@ -1,19 +1,22 @@
-"""Regenerate docs/RESULTS.md from the MLflow store: accuracy per recipe, mean ± std over seeds.
+"""Regenerate docs/RESULTS.md: accuracy per recipe, mean ± std over seeds, and the list of runs behind it.
 
-    python -m mnist_sweep.results                     # reads sqlite:///mlruns/mlflow.db, writes docs/RESULTS.md
-    python -m mnist_sweep.results --experiment NAME --tracking-uri URI --out FILE --runs FILE
+    python -m benchmarks.results --no-store          # from the saved runs only (no MLflow store needed)
+    python -m benchmarks.results                     # also reads sqlite:///mlruns/mlflow.db, saving what it adds
+    python -m benchmarks.results --experiment NAME --tracking-uri URI --out FILE --runs FILE --log FILE
 
 Runs are grouped by their whole config except ``seed`` and the keys of where and how they ran (``IGNORED``:
-paths, threads, progress output), so 3 seeds of one recipe make one row. Only
-FINISHED runs that scored the test set are counted. The table says what each number is: the test accuracy
-was never used to choose anything (selection happens on val/acc), so it is reported, not tuned.
+paths, threads, progress output), so 3 seeds of one recipe make one row. Only FINISHED runs that scored the
+test set are counted. The table says what each number is: the test accuracy was never used to choose anything
+(selection happens on val/acc), so it is reported, not tuned.
 
 The MLflow store is a local, git-ignored file, and a fresh clone has none: runs that took hours would vanish
-with the checkout that made them. So every run the table counts is also written to a JSON file beside it
-(``--runs``, default docs/RESULTS.runs.json: run id, experiment, params, the metrics the table uses, device),
-and the next regeneration reads that file back as well as the store (the store wins for a run id in both).
-A section of the output file headed "## Earlier runs" (hand-written notes on runs no file holds) is kept, and
-so is the line saying which commands made the runs ("The runs: ...", set with ``--how``) when no new one is given.
+with the checkout that made them. So every run the table counts is also written to a JSON file
+(``--runs``, default benchmarks/records/results_runs.json: run id, experiment, params, the metrics the table
+uses, device), and the next regeneration reads that file back as well as the store (the store wins for a run id
+in both); ``--no-store`` reads the file alone. The commands that made the runs are a hand-kept list,
+``--log`` (default benchmarks/records/results_log.json: date, command, host, note for each), written out as
+the "The runs" table. A section of the output file headed "## Earlier runs" (hand-written notes on runs no file
+holds) is kept as it is.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks import common
 from mnist_sweep.config import DISTORTIONS
 
-HOW = "The runs: "
+RUNS = common.RECORDS / "results_runs.json"
+LOG = common.RECORDS / "results_log.json"
+LOG_COLUMNS = ("date (UTC)", "command", "host", "note")
 # Where and how a run ran, not what it learned: seeds of one recipe run alone or side by side with one thread each
 # (device.threads) still make one row; the device column says where each ran.
 IGNORED = ("seed", "data.root", "data.cache_dir", "trainer.progress", "data.num_workers", "device.threads")
-# Keys added to the config after some runs were logged, with the value those runs had without saying so.
+# Keys that some runs logged and others did not (added to the config later, or removed since: test-time
+# augmentation's, which no run used), with the value a run without the key had.
 ADDED_LATER = {"data.deskew": "False", "model.members": "1", "trainer.tta_views": "0", "trainer.tta_strength": "0.25"}
 
 
@@ -58,9 +65,6 @@ def _data(params: dict[str, str]) -> str:
         parts.append(f"augment {params['data.augment.strength']}")
         # A distortion switched off is part of the recipe (best_aug drops shift and shear on deskewed digits).
         parts += [f"no {name}" for name in DISTORTIONS if params.get(f"data.augment.{name}") in ZERO]
-    if params.get("trainer.tta_views", "0") != "0":  # scored with test-time augmentation (trainer.tta_views)
-        strength = params.get("trainer.tta_strength", ADDED_LATER["trainer.tta_strength"])  # its default: not kept
-        parts.append(f"scored with {params['trainer.tta_views']} distorted copies x {strength}")
     if params.get("data.val_size") == "0":
         parts.append("refit on all 60,000, no val")
     return ", ".join(parts) or "as is"
@@ -112,7 +116,7 @@ COLUMNS = (
 
 
 def store_runs(tracking_uri: str, *experiments: str) -> list[dict]:
-    """The FINISHED runs with a test score in these experiments, as plain records (what RESULTS.runs.json holds)."""
+    """The FINISHED runs with a test score in these experiments, as plain records (what results_runs.json holds)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -201,7 +205,27 @@ def _name_hidden_differences(rows: list[dict]) -> None:
             row["recipe"] += " (" + ", ".join(f"{k}={row['params'].get(k, '-')}" for k in differing) + ")"
 
 
-def markdown(rows: list[dict], command: str, how: str = "") -> str:
+def load_log(path: Path) -> list[dict]:
+    """The hand-kept list of the commands that made the runs (none if the file is missing)."""
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    for i, entry in enumerate(entries):
+        missing = [c for c in ("date", "command", "host") if not entry.get(c)]
+        if missing:
+            raise ValueError(f"{path}: entry {i} has no {', '.join(missing)}: {entry}")
+    return entries
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def log_table(entries: list[dict]) -> str:
+    """The runs, one command a row, in the order they ran."""
+    rows = [[_cell(e["date"]), f"`{_cell(e['command'])}`", _cell(e["host"]), _cell(e.get("note", ""))] for e in entries]
+    return common.table(list(LOG_COLUMNS), rows)
+
+
+def markdown(rows: list[dict], command: str, log: list[dict] | None = None) -> str:
     lines = [
         "# Results",
         "",
@@ -212,7 +236,6 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         "",
         f"Regenerate with: `{command}`",
         "",
-        *([HOW + how.removeprefix(HOW), ""] if how else []),
         "| " + " | ".join(COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),
     ]
@@ -224,41 +247,53 @@ def markdown(rows: list[dict], command: str, how: str = "") -> str:
         )
     if not rows:
         lines.append("| (no finished runs with a test score yet) |" + " |" * (len(COLUMNS) - 1))
+    if log:
+        lines += [
+            "",
+            "## The runs",
+            "",
+            "The commands that made the runs above, in the order they ran (each with `mlflow.experiment=results`",
+            "and `data.root=../shared/datasets/mnist`; on a CPU host, one run at a time and with two threads unless",
+            "the note says otherwise). The table above gives what each scored.",
+            "",
+            log_table(log),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
-    parser.add_argument("--experiment", action="append", help="repeat for several (default: mnist-sweep)")
-    parser.add_argument("--out", default="docs/RESULTS.md")
-    parser.add_argument("--runs", default="docs/RESULTS.runs.json", help="runs kept from earlier stores ('' for none)")
-    parser.add_argument(
-        "--how", default="", help="a line saying which commands made the runs (default: the one already in --out)"
-    )
+    parser.add_argument("--no-store", action="store_true", help="read the saved runs (--runs) only, no MLflow store")
+    parser.add_argument("--experiment", action="append", help="repeat for several (default: results)")
+    parser.add_argument("--out", default=str(common.DOCS / "RESULTS.md"))
+    parser.add_argument("--runs", default=str(RUNS), help="runs kept from earlier stores ('' for none)")
+    parser.add_argument("--log", default=str(LOG), help="the commands that made the runs ('' for none)")
     args = parser.parse_args(argv)
-    command = "python -m mnist_sweep.results" + "".join(
-        f" --{k.replace('_', '-')} {item}"
+    command = "python -m benchmarks.results" + "".join(
+        f" --{k.replace('_', '-')}" + ("" if v is True else f" {item}")
         for k, v in vars(args).items()
-        if v != parser.get_default(k) and k != "how"
+        if v != parser.get_default(k)
         for item in (v if isinstance(v, list) else [v])
     )
-    experiments = args.experiment or ["mnist-sweep"]
+    experiments = args.experiment or ["results"]
     saved = load_runs(Path(args.runs)) if args.runs else []
-    records = merge(saved, store_runs(args.tracking_uri, *experiments))
+    fresh = [] if args.no_store else store_runs(args.tracking_uri, *experiments)
+    records = merge(saved, fresh)
     rows = rows_from([r for r in records if r["experiment"] in experiments])
+    log = load_log(Path(args.log)) if args.log else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The old file's generated part (its "The runs:" line) and its hand-written "## Earlier runs" section
-    generated, marker, earlier = (out.read_text() if out.is_file() else "").partition(KEPT)
-    how = args.how or next((line for line in generated.splitlines() if line.startswith(HOW)), "")
-    out.write_text(markdown(rows, command, how) + (f"\n{marker}{earlier}" if marker else ""))
-    if args.runs:
+    # The old file's hand-written "## Earlier runs" section is kept.
+    _, marker, earlier = (out.read_text() if out.is_file() else "").partition(KEPT)
+    out.write_text(markdown(rows, command, log) + (f"\n{marker}{earlier}" if marker else ""))
+    if args.runs and fresh:
+        Path(args.runs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.runs).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     added = len(records) - len(saved)
     print(
         f"{len(rows)} recipes written to {args.out}"
-        + (f"; {args.runs} holds {len(records)} runs (+{added})" if args.runs else "")
+        + (f"; {args.runs} holds {len(records)} runs (+{added})" if args.runs and fresh else "")
     )
 
 

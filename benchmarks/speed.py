@@ -1,7 +1,7 @@
 """The speed benchmark: this project against the beginner tutorial's pipeline, side by side, in one run.
 
-    python -m mnist_sweep.bench --data-root ../shared/datasets/mnist            # writes docs/BENCHMARKS.md
-    python -m mnist_sweep.bench --data-root ../shared/datasets/mnist --quick    # a smoke test (a few seconds)
+    python -m benchmarks.speed                # writes the "speed" block of docs/BENCHMARKS.md (a few minutes)
+    python -m benchmarks.speed --quick --out /tmp/b.md   # a smoke test (a few seconds)
 
 Everything is measured in this one process on the current machine, so the ratios hold even where the absolute
 times swing (a shared machine): the machine's own matrix-multiply peak, the tutorial pipeline, this project's
@@ -12,7 +12,7 @@ Training times are the project's ``train_time_s``: the training loop with its pe
 already loaded. "Time to X%" is the training time of the first epoch after which the *test* accuracy is at
 least X% (the test set is scored after each epoch only here, for the benchmark, outside the timed part).
 The per-trial fixed cost of a sweep and MLflow's logging cost are in docs/BENCHMARKS-sweeps.md
-(``mnist_sweep/bench_sweeps.py``).
+(``python -m benchmarks.sweeps``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -34,40 +32,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_sweep import app, data, model, training
+from benchmarks import common
+from mnist_sweep import data, model, run, training
 
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
+REPO = common.REPO
 THRESHOLDS = (0.975, 0.980)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The machine
 # --------------------------------------------------------------------------------------------------------------
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def versions() -> dict[str, str]:
-    import hydra
-    import mlflow
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "mlflow": mlflow.__version__,
-        "hydra-core": hydra.__version__,
-    }
 
 
 def load_average() -> str:
@@ -105,6 +79,7 @@ class Trial:
 
     name: str
     flops_per_sample: int  # forward only
+    precision: str = "fp32"  # as it ran: trainer.precision=auto resolved for this machine
     epochs_run: int = 0
     times: list[float] = field(default_factory=list)  # cumulated training seconds after each epoch
     test_acc: list[float] = field(default_factory=list)
@@ -141,21 +116,6 @@ class Trial:
         return None
 
 
-def compose(overrides: list[str]):
-    """The config ``python train.py OVERRIDES`` would run, checked (the same schemas and presets)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from mnist_sweep import config
-
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return cfg, config.check(cfg)
-
-
 def _limit(loader, n: int | None, generator: torch.Generator):
     """The first ``n`` training images only (for --quick), keeping the loader's kind."""
     if n is None:
@@ -179,19 +139,20 @@ def project_trial(
     test_each_epoch: bool = True,
 ) -> Trial:
     """A run of this project's own code path (the config ``python train.py OVERRIDES`` composes), no MLflow."""
-    cfg, s = compose([*overrides, f"data.root={data_root}", f"seed={seed}"])
+    cfg, s = common.compose([*overrides, f"data.root={data_root}", f"seed={seed}"])
     device = training.resolve_device(s.device.type)
+    s.trainer.precision = training.resolve_precision(s.trainer.precision, device)  # auto -> what runs natively
     torch.manual_seed(s.seed)
     order = torch.Generator().manual_seed(s.seed)
-    loaders = app.make_loaders(s, device, order)
+    loaders = run.build_loaders(s, device, order)
     train_loader = _limit(loaders.train, limit, order)
-    net = model.build(**app.make_model_args(s, len(loaders.classes))).to(device)
+    net = model.build(**run.model_args(s, len(loaders.classes))).to(device)
     from hydra.utils import instantiate
 
     optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
     t = s.trainer
 
-    trial = Trial(name, model.flops_per_sample(net))
+    trial = Trial(name, model.flops_per_sample(net), precision=t.precision)
     elapsed = 0.0
 
     def on_epoch(er: training.EpochResult) -> None:
@@ -212,7 +173,7 @@ def project_trial(
         optimizer,
         device=device,
         on_epoch=on_epoch,
-        **{**app.fit_options(s), "epochs": epochs or t.epochs},
+        **{**run.fit_options(s), "epochs": epochs or t.epochs},
     )
     trial.epochs_run = len(trial.times)
     trial.eval_seconds = time_evaluation(net, loaders.test, device, t.precision)
@@ -317,12 +278,6 @@ def ratio(a: float | None, b: float | None) -> str:
     if not a or not b or a != a or b != b:
         return "n/a"
     return f"{a / b:.1f}×"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def run_bench(args: argparse.Namespace) -> str:
@@ -437,16 +392,15 @@ def report(
     limit,
 ):
     quick = args.quick
-    v = versions()
-    cmd = "python -m mnist_sweep.bench " + " ".join(shlex.quote(a) for a in args.argv)
-    flags = cpu_flags()
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "n/a"
+    cmd = common.command_line("benchmarks.speed", args.argv)
+    cpu = common.cpu()
+    isa = ", ".join(cpu["flags"]) or "none of " + "/".join(common.FLAGS)
     out: list[str] = []
     w = out.append
 
-    w("# Benchmarks")
+    w("## Speed: this project against the beginner tutorial's pipeline")
     w("")
-    w("All numbers on this page come from one run of the benchmark script, on the machine below:")
+    w("All numbers in this block come from one run of the benchmark script, on the machine below:")
     w("")
     w(f"```\n{cmd.strip()}\n```")
     w("")
@@ -462,16 +416,21 @@ def report(
         "in this benchmark, outside the timed part). Samples/s are those of the fastest epoch of a run."
     )
     w("")
-    w("## Machine")
+    w("### Machine")
     w("")
     w(
-        table(
+        common.table(
             ["", ""],
             [
-                ["CPU", f"{training.cpu_model()} ({isa})"],
-                ["cores / torch threads", f"{os.cpu_count()} / {torch.get_num_threads()}"],
-                ["accelerator", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"],
-                ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],
+                ["CPU", f"{cpu['model']} ({isa})"],
+                [
+                    "bf16",
+                    "native (AVX-512 BF16 or AMX)" if cpu["bf16_native"] else "emulated (no AVX-512 BF16, no AMX)",
+                ],
+                ["torch CPU kernels (`torch.backends.cpu.get_cpu_capability()`)", cpu["capability"]],
+                ["cores / torch threads", f"{cpu['cores']} / {torch.get_num_threads()}"],
+                ["accelerator", common.gpu() or "none (CPU only)"],
+                ["versions", ", ".join(f"{k} {val}" for k, val in common.versions().items())],
                 ["date", started.strftime("%Y-%m-%d %H:%M UTC")],
                 ["load average (1/5/15 min) before / after", f"{load[0]}  →  {load[1]}"],
             ],
@@ -488,11 +447,11 @@ def report(
     # Headline
     t975, t98 = tutorial.time_to(0.975), tutorial.time_to(0.98)
     s98 = speed.time_to(0.98)
-    w("## Headline")
+    w("### Headline")
     w("")
     tut98 = secs(t98, 1) if t98 is not None else f"not reached in {tutorial.epochs_run} epochs"
     w(
-        table(
+        common.table(
             ["", "tutorial pipeline", "this project, `experiment=speedrun`", "ratio"],
             [
                 [
@@ -534,7 +493,7 @@ def report(
     w(
         "The tutorial pipeline: `torchvision.datasets.MNIST` with `ToTensor()` + `Normalize((0.1307,), (0.3081,))`, "
         "`DataLoader(batch_size=64, shuffle=True)` over all 60,000 training images, `784-128-64-10` ReLU, "
-        "`Adam(lr=1e-3)`, the test set in batches of 1000 (`tutorial_trial` in `mnist_sweep/bench.py`; it stops "
+        "`Adam(lr=1e-3)`, the test set in batches of 1000 (`tutorial_trial` in `benchmarks/speed.py`; it stops "
         f"early once it reaches 98.0%, else after {args.tutorial_epochs if not quick else 1} epochs). "
         "This project: `python train.py experiment=speedrun` (conf/experiment/speedrun.yaml), through the same "
         "code as `train.py` (`mnist_sweep/data.py`, `model.py`, `training.py`), 55,000 training images."
@@ -552,14 +511,14 @@ def report(
                 ),
             ]
         )
-    w(table(["pipeline", "epoch: time → test accuracy"], rows))
+    w(common.table(["pipeline", "epoch: time → test accuracy"], rows))
     w("")
 
     # Speedrun over seeds
-    w("## `experiment=speedrun` over seeds")
+    w("### `experiment=speedrun` over seeds")
     w("")
     rows = [[str(i), secs(r.train_seconds), pct(r.final_acc), secs(r.time_to(0.98))] for i, r in enumerate(speed_runs)]
-    w(table(["seed", "training time", "test accuracy", "time to 98.0%"], rows))
+    w(common.table(["seed", "training time", "test accuracy", "time to 98.0%"], rows))
     w("")
     accs = [r.final_acc for r in speed_runs]
     w(
@@ -571,13 +530,14 @@ def report(
     w(
         f"The same recipe in fp32 (`experiment=speedrun trainer.precision=fp32`, for CPUs without native bf16), "
         f"seed 0: {pct(speed_fp32.final_acc)} test accuracy in {secs(speed_fp32.train_seconds)} of training "
-        f"({speed_fp32.throughput:,.0f} samples/s against {speed.throughput:,.0f} in bf16)."
+        f"({speed_fp32.throughput:,.0f} samples/s against {speed.throughput:,.0f} in {speed.precision}, what "
+        "`trainer.precision=auto` picked on this machine)."
     )
     w("")
 
     # Loaders
     t_l, v_l = by_loader["tensor"], by_loader["torchvision"]
-    w("## Data loaders: `data.loader=tensor` vs `data.loader=torchvision` (issue 2)")
+    w("### Data loaders: `data.loader=tensor` vs `data.loader=torchvision` (issue 2)")
     w("")
     w(
         "The default model and batch (256), fp32, seed 0, one epoch each: both loaders yield the same batches in "
@@ -585,7 +545,7 @@ def report(
     )
     w("")
     w(
-        table(
+        common.table(
             ["loader", "training samples/s", "epoch (training + validation)", "epoch-1 train loss"],
             [
                 [f"`{k}`", f"{tr.throughput:,.0f}", secs(tr.epoch_seconds), f"{tr.train_loss[0]:.4f}"]
@@ -598,7 +558,7 @@ def report(
     w("")
 
     # End to end
-    w("## `python train.py` end to end (issue 2)")
+    w("### `python train.py` end to end (issue 2)")
     w("")
     if wall_runs:
         w(
@@ -608,7 +568,7 @@ def report(
         )
         w("")
         w(
-            table(
+            common.table(
                 ["run", "wall time", "training", "test accuracy"],
                 [
                     [label, secs(r["wall"], 1), secs(r["train_s"], 1), pct(r["test_acc"])]
@@ -631,7 +591,7 @@ def report(
     w("")
 
     # Throughput vs peak
-    w("## Training throughput against the machine's peak")
+    w("### Training throughput against the machine's peak")
     w("")
     w(
         f"Peak: the best of three {peak_n}×{peak_n}×{peak_n} matrix multiplies measured in this run: "
@@ -646,7 +606,7 @@ def report(
     for label, tr, prec in (
         ("defaults (256×2, batch 256), fp32", fp32_default, "fp32"),
         ("defaults (256×2, batch 256), bf16", bf16_default, "bf16"),
-        ("experiment=speedrun", speed, "bf16"),
+        (f"experiment=speedrun ({speed.precision})", speed, speed.precision),
         ("tutorial (128-64, batch 64), fp32", tutorial, "fp32"),
     ):
         rows.append(
@@ -658,13 +618,13 @@ def report(
                 f"{100 * tr.gflops / peak[prec]:.0f}% of {prec}",
             ]
         )
-    w(table(["run", "MFLOP per sample (fwd+bwd)", "samples/s", "GFLOP/s", "of the peak"], rows))
+    w(common.table(["run", "MFLOP per sample (fwd+bwd)", "samples/s", "GFLOP/s", "of the peak"], rows))
     w("")
     w("Target: ≥ 60% of the measured peak for the default model.")
     w("")
 
     # bf16 vs fp32
-    w("## bf16 vs fp32 (the default model, `trainer.precision`)")
+    w("### bf16 vs fp32 (the default model, `trainer.precision`)")
     w("")
     rows = []
     for p, runs in precision_runs.items():
@@ -672,7 +632,7 @@ def report(
             rows.append(
                 [p, str(i), secs(r.train_seconds), f"{r.throughput:,.0f}", pct(r.final_acc), secs(r.eval_seconds, 3)]
             )
-    w(table(["precision", "seed", "training time", "samples/s", "test accuracy", "test evaluation"], rows))
+    w(common.table(["precision", "seed", "training time", "samples/s", "test accuracy", "test evaluation"], rows))
     w("")
     f_acc = statistics.mean(r.final_acc for r in precision_runs["fp32"])
     b_acc = statistics.mean(r.final_acc for r in precision_runs["bf16"])
@@ -682,15 +642,15 @@ def report(
         f"bf16 trains {ratio(f_t, b_t)} as fast as fp32, with {pct(b_acc)} test accuracy against {pct(f_acc)} "
         f"(mean over {len(precision_runs['fp32'])} seed(s)). bf16 autocast runs the matrix multiplies in bfloat16 "
         "and keeps the weights, the loss and the optimiser in fp32. It pays on CPUs with native bf16 (AVX-512 "
-        "BF16 or AMX); elsewhere it can be slower than fp32, which is why the default stays fp32."
+        "BF16 or AMX: the Machine table says which this CPU has); elsewhere it is emulated and can be slower than fp32."
     )
     w("")
 
     # Evaluation
-    w("## Evaluation of the 10,000 test images")
+    w("### Evaluation of the 10,000 test images")
     w("")
     w(
-        table(
+        common.table(
             ["run", "time (best of 5)"],
             [
                 ["defaults, fp32", secs(fp32_default.eval_seconds, 3)],
@@ -704,14 +664,14 @@ def report(
     w("Target: ≤ 0.3 s.")
     w("")
 
-    w("## Per-trial fixed cost and MLflow logging cost")
+    w("### Per-trial fixed cost and MLflow logging cost")
     w("")
     w(
-        "Measured for sweeps by `python -m mnist_sweep.bench_sweeps`: see "
+        "Measured for sweeps by `python -m benchmarks.sweeps`: see "
         "[BENCHMARKS-sweeps.md](BENCHMARKS-sweeps.md) (not repeated here)."
     )
     w("")
-    w("## GPU")
+    w("### GPU")
     w("")
     w(
         "The same code runs on CUDA (`device=cuda`): the whole dataset lives on the GPU, batches are sliced there, "
@@ -730,20 +690,16 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m mnist_sweep.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
-    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"), help="markdown file to write")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=common.default_data_root())
+    parser.add_argument("--out", default=str(common.BENCHMARKS_MD), help="markdown file: its 'speed' block is written")
     parser.add_argument("--quick", action="store_true", help="smoke mode: a few thousand images, one epoch per run")
     parser.add_argument("--tutorial-epochs", type=int, default=6, help="cap on the tutorial's epochs")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the speedrun and fp32/bf16 runs")
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     args.argv = argv
-    text = run_bench(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    common.write_report(args.out, run_bench(args), block="speed")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Subnormal floats on the CPU: the same training run with and without ``device.flush_denormal``, side by side.
 
-    python -m mnist_sweep.bench_denormal --data-root ../shared/datasets/mnist   # writes docs/BENCHMARKS-denormal.md
+    python -m benchmarks.denormal --epochs 30   # writes the "denormal" block of docs/BENCHMARKS.md (~12 min)
 
 Two ``python train.py`` processes start together, one thread each (so on a 2-core machine each has a core), with
 the same preset, seed and schedule; the only difference is ``device.flush_denormal=false`` / ``true``. Each
@@ -22,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import common
+
+REPO = common.REPO
+SILENCE = 900  # seconds without a line from either run before they count as stuck
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .*\| val loss [\d.]+ acc ([\d.]+) \|.*\| ([\d.]+) s,")
 
 
@@ -57,7 +60,12 @@ def follow(procs: dict[bool, subprocess.Popen], epochs: int) -> dict[bool, dict[
         sel.register(p.stdout, selectors.EVENT_READ, k)
     open_ = set(procs)
     while open_:
-        for key, _ in sel.select():
+        ready = sel.select(timeout=SILENCE)
+        if not ready:  # neither run printed anything for that long: stuck, not slow
+            for proc in procs.values():
+                proc.kill()
+            raise SystemExit(f"benchmarks.denormal: no output from the runs for {SILENCE} s")
+        for key, _ in ready:
             k = key.data
             line = key.fileobj.readline()
             if not line:
@@ -70,22 +78,17 @@ def follow(procs: dict[bool, subprocess.Popen], epochs: int) -> dict[bool, dict[
                 if len(seen[k]) >= epochs and procs[k].poll() is None:
                     procs[k].send_signal(signal.SIGTERM)
     for k, p in procs.items():
-        p.wait()
+        p.wait(timeout=120)  # SIGTERM closes the MLflow run and exits within seconds
         if len(seen[k]) < epochs:
-            raise SystemExit(f"bench_denormal: the flush_denormal={k} run stopped early:\n{''.join(tails[k])}")
+            raise SystemExit(f"benchmarks.denormal: the flush_denormal={k} run stopped early:\n{''.join(tails[k])}")
     return seen
 
 
 def markdown(a, command: str, seen, wall: float) -> str:
-    from mnist_sweep.bench_sweeps import _machine, _versions
-
     lines = [
-        "# Subnormal floats: `device.flush_denormal`",
+        "## Subnormal floats: `device.flush_denormal`",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {_machine()}. {_versions()}.",
-        "",
+        *common.header(command),
         f"Two `python train.py experiment={a.preset} trainer.epochs={a.schedule_epochs} seed={a.seed} device=cpu "
         "device.threads=1` runs started together (one core each), differing only in `device.flush_denormal`; "
         f"both stopped after {a.epochs} epochs ({wall:.0f} s wall).",
@@ -115,23 +118,21 @@ def markdown(a, command: str, seen, wall: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--data-root", default=common.default_data_root())
     parser.add_argument("--preset", default="best")
     parser.add_argument("--schedule-epochs", type=int, default=120, help="trainer.epochs: the schedule's length")
     parser.add_argument("--epochs", type=int, default=40, help="epochs to time before both runs are stopped")
     parser.add_argument("--block", type=int, default=5, help="epochs per row of the table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[], help="one more train.py override (repeatable)")
-    parser.add_argument("--out", default="docs/BENCHMARKS-denormal.md")
+    parser.add_argument("--out", default=str(common.BENCHMARKS_MD), help="markdown file: its 'denormal' block")
     a = parser.parse_args(argv)
-    command = "python -m mnist_sweep.bench_denormal " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = common.command_line("benchmarks.denormal", argv)
     with tempfile.TemporaryDirectory(prefix="bench-denormal-") as tmp:
         t0 = time.perf_counter()
         seen = follow({flush: start(flush, a, Path(tmp)) for flush in (False, True)}, a.epochs)
         wall = time.perf_counter() - t0
-    text = markdown(a, command.strip(), seen, wall)
-    Path(a.out).write_text(text)
-    print(text)
+    common.write_report(a.out, markdown(a, command, seen, wall), block="denormal")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Benchmarks of sweeps (issue 3): writes docs/BENCHMARKS-sweeps.md.
+"""Benchmarks of sweeps: writes docs/BENCHMARKS-sweeps.md.
 
-    python -m mnist_sweep.bench_sweeps [--data-root ../shared/datasets/mnist] [--repeats 2]
+    python -m benchmarks.sweeps [--data-root ../shared/datasets/mnist] [--repeats 2]
 
 Every figure comes from real `python train.py -m ...` commands, each on a fresh SQLite store, read back
 through MlflowClient:
@@ -9,7 +9,8 @@ through MlflowClient:
   the epochs themselves (``train_time_s``) - i.e. Hydra's job set-up, loading the cached data, building the
   model, every MLflow call, the test-set evaluation, the artifacts;
 * MLflow's share of a trial: a sequential sweep with wall-clock timers around every MLflow call of the tracking
-  layer (``mnist_sweep/tracking.py`` and the sweep's per-trial MLflow calls), divided by the trials' time;
+  layer (``mnist_sweep/tracking.py`` and the trial's MLflow calls in ``mnist_sweep/trial.py``), divided by the
+  trials' time;
 * 2 trials at a time (``hydra/launcher=joblib hydra.launcher.n_jobs=2``) against the same sweep run
   sequentially, back to back and alternating, as a throughput ratio (timings on a shared machine swing 2x:
   only ratios measured side by side mean anything);
@@ -19,8 +20,8 @@ through MlflowClient:
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,22 +29,71 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "docs" / "BENCHMARKS-sweeps.md"
+from benchmarks import common
+
+REPO = common.REPO
+OUT = common.DOCS / "BENCHMARKS-sweeps.md"
 GRID = ("model.hidden=64,128,256", "seed=0,1")  # 6 small models (hidden <= 256)
 EPOCHS = 5  # the default trainer.epochs
 PER_EPOCH = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s")
 
-# A sweep run in-process (train.py's @hydra.main function, not app.cli, whose fast exit would lose the
-# figures) with wall-clock timers around every MLflow call a trial makes and around the other parts of a trial.
-# The sweep's own start and finish (store creation, parent run, leaderboard) are paid once per sweep: excluded.
+# What the timed sweep wraps in wall-clock timers: (module of mnist_sweep, attribute, kind). Kinds: "mlflow"
+# (every MLflow call a trial makes), "rest" (the other parts of a trial), "sweep" (the sweep's own start and
+# finish in the launching process: paid once per sweep, so what runs inside them is not counted).
+# Only public names; tests/test_benchmarks.py checks that each still exists.
+TIMED_CALLS = (
+    ("tracking", "prepare", "mlflow"),
+    ("tracking", "git_state", "mlflow"),
+    ("tracking", "version_tags", "mlflow"),
+    ("tracking", "Run.log_params", "mlflow"),
+    ("tracking", "Run.log_metrics", "mlflow"),
+    ("tracking", "Run.set_tags", "mlflow"),
+    ("tracking", "Run.log_artifact", "mlflow"),
+    ("tracking", "Run.log_artifacts", "mlflow"),
+    ("tracking", "Run.log_model", "mlflow"),
+    ("trial", "join", "mlflow"),
+    ("trial", "previous_result", "mlflow"),
+    ("trial", "record", "mlflow"),
+    ("sweep", "start", "sweep"),
+    ("sweep", "finish", "sweep"),
+    ("training", "fit", "rest"),
+    ("training", "evaluate", "rest"),
+    ("data", "build_loaders", "rest"),
+    ("run", "notebook", "rest"),
+)
+PARTS = {
+    "fit": "epochs (training + validation)",
+    "evaluate": "test-set evaluation",
+    "build_loaders": "data from the cache (build_loaders)",
+    "notebook": "the lab notebook (run.notebook): local artifacts and their upload (also in the MLflow row)",
+    "load_sweep_config": "Hydra: composing the job's config (twice: checked up front, then launched)",
+}
+
+
+def resolve(module: str, name: str):
+    """(owner, attribute) of ``mnist_sweep.MODULE`` for ``name`` ("f" or "Class.method"); raises if gone."""
+    import importlib
+
+    owner = importlib.import_module(f"mnist_sweep.{module}")
+    *path, attr = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    if not callable(getattr(owner, attr, None)):
+        raise AttributeError(f"benchmarks.sweeps times mnist_sweep.{module}.{name}, which no longer exists")
+    return owner, attr
+
+
+# A sweep run in-process (train.py's @hydra.main function, not the CLI wrapper, whose fast exit would lose the
+# figures) with wall-clock timers around the calls of TIMED_CALLS. The logging of the best trial's model happens
+# once per sweep, inside finish: recorded on its own.
 TIMED = r"""
 import contextlib, json, sys, time
 sys.path.insert(0, sys.argv[1])
-out = sys.argv[2]
-sys.argv = ["train.py", *sys.argv[3:]]
+out, calls = sys.argv[2], json.loads(sys.argv[3])
+sys.argv = ["train.py", *sys.argv[4:]]
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from mnist_sweep import app, data, sweep, tracking, training
+from benchmarks.sweeps import resolve
+from mnist_sweep import sweep, tracking
 
 T, state = {}, {"sweep_level": 0, "in_fit": 0}
 
@@ -69,18 +119,10 @@ def timed(owner, name, kind, flag=None):
                 add(kind, name, t0)
     setattr(owner, name, wrapper)
 
-for n in ("prepare", "git_state", "version_tags"):
-    timed(tracking, n, "mlflow")
-for n in ("log_params", "log_metrics", "set_tags", "log_artifact", "log_artifacts", "log_model"):
-    timed(tracking.Run, n, "mlflow")
-for n in ("begin_trial", "previous_result", "record"):
-    timed(sweep, n, "mlflow")
-for n in ("start", "finish"):
-    timed(sweep, n, "sweep", flag="sweep_level")
-timed(training, "fit", "rest", flag="in_fit")
-timed(training, "evaluate", "rest")
-timed(data, "build_loaders", "rest")
-timed(app, "_save_artifacts", "rest")
+for module, name, kind in calls:
+    owner, attr = resolve(module, name)
+    flag = {"sweep": "sweep_level", "fit": "in_fit"}.get(kind if kind == "sweep" else attr)
+    timed(owner, attr, kind, flag=flag)
 timed(ConfigLoaderImpl, "load_sweep_config", "rest")
 original = tracking.start_run
 
@@ -106,7 +148,7 @@ def start_run(*a, **k):
 tracking.start_run = start_run
 best_model = sweep.log_best_model
 
-def log_best_model(*a, **k):  # once per sweep, inside finish: recorded on its own
+def log_best_model(*a, **k):
     t0 = time.perf_counter()
     try:
         return best_model(*a, **k)
@@ -119,25 +161,18 @@ train.main()
 json.dump(T, open(out, "w"))
 """
 
-PARTS = {
-    "fit": "epochs (training + validation)",
-    "evaluate": "test-set evaluation",
-    "build_loaders": "data from the cache (build_loaders)",
-    "_save_artifacts": "local artifacts (config, CSV, confusion matrix PNG, checkpoint)",
-    "load_sweep_config": "Hydra: composing the job's config (twice: checked up front, then launched)",
-}
 
-
-def _sweep(workdir: Path, args: list[str], common: list[str], timings: Path | None = None) -> float:
+def _sweep(workdir: Path, args: list[str], shared: list[str], timings: Path | None = None) -> float:
     if timings is None:
-        cmd = [sys.executable, str(REPO / "train.py"), "-m", *args, *common]
+        cmd = [sys.executable, str(REPO / "train.py"), "-m", *args, *shared]
     else:
-        cmd = [sys.executable, "-c", TIMED, str(REPO), str(timings), "--config-path", str(REPO / "conf"), "-m"]
-        cmd += [*args, *common]
+        calls = json.dumps(TIMED_CALLS)
+        cmd = [sys.executable, "-c", TIMED, str(REPO), str(timings), calls, "--config-path", str(REPO / "conf"), "-m"]
+        cmd += [*args, *shared]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"benchmark sweep failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -147,12 +182,12 @@ def _sweep(workdir: Path, args: list[str], common: list[str], timings: Path | No
 def _runs(workdir: Path):
     from mlflow import MlflowClient
 
-    from mnist_sweep import sweep
+    from mnist_sweep import trial
 
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("mnist-sweep")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    trials = sorted((r for r in runs if r.data.tags.get(sweep.ROLE) != "sweep"), key=lambda r: r.info.start_time)
+    trials = sorted((r for r in runs if r.data.tags.get(trial.ROLE) != "sweep"), key=lambda r: r.info.start_time)
     return client, trials
 
 
@@ -190,8 +225,8 @@ import json, sys
 import torch
 torch.set_num_threads(int(sys.argv[1]))
 sys.path.insert(0, sys.argv[4])
-from mnist_sweep import bench
-t = bench.project_trial("x", ["model.hidden=256", f"data.cache_dir={sys.argv[3]}"], sys.argv[2], epochs=2,
+from benchmarks import speed
+t = speed.project_trial("x", ["model.hidden=256", f"data.cache_dir={sys.argv[3]}"], sys.argv[2], epochs=2,
                         test_each_epoch=False)
 print(json.dumps(t.samples_per_s[-1]))
 """
@@ -206,7 +241,7 @@ def thread_scaling(data_root: str, cache: Path) -> dict[str, float]:
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
     def result(proc: subprocess.Popen) -> float:
-        out, _ = proc.communicate()
+        out, _ = proc.communicate(timeout=1800)
         if proc.returncode != 0:
             raise SystemExit("thread-scaling job failed")
         return float(out.strip().splitlines()[-1])
@@ -221,8 +256,6 @@ def thread_scaling(data_root: str, cache: Path) -> dict[str, float]:
 def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str, float], dict[str, float], float]:
     """Seconds per trial in MLflow calls, their share of a trial, the split by call, the other parts, and the
     once-per-sweep logging of the best trial's model."""
-    import json
-
     figures = json.loads(timings.read_text())
     _, trials = _runs(workdir)
     n = len(trials)
@@ -237,53 +270,22 @@ def logging_share(timings: Path, workdir: Path) -> tuple[float, float, dict[str,
     return per_trial, per_trial / cycle, dict(sorted(split.items(), key=lambda kv: -kv[1])), parts, once
 
 
-def _machine() -> str:
-    from mnist_sweep.training import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
-
-
-def _versions() -> str:
-    import hydra
-    import joblib
-    import mlflow
-    import torch
-
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"hydra-core {hydra.__version__}, mlflow {mlflow.__version__}, joblib {joblib.__version__}"
-    )
-
-
-def command_line(module: str, argv: list[str] | None) -> str:
-    """The command a report was made with: ``python -m MODULE`` and its arguments."""
-    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
-
-
-def write_report(out: str | Path, text: str) -> None:
-    """Write a benchmark's markdown report (making its folder) and print it."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text)
-    print(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_root = REPO.parent / "shared" / "datasets" / "mnist"
-    parser.add_argument("--data-root", default=str(default_root if default_root.exists() else REPO / "data"))
+    parser.add_argument("--data-root", default=common.default_data_root())
     parser.add_argument("--repeats", type=int, default=2, help="alternating sequential/parallel pairs")
     parser.add_argument("--out", default=str(OUT))
     a = parser.parse_args(argv)
 
     base = Path(tempfile.mkdtemp(prefix="bench-sweeps-"))
     cache = base / "cache"
-    common = [f"data.root={a.data_root}", f"data.cache_dir={cache}", "trainer.progress=false"]
+    shared = [f"data.root={a.data_root}", f"data.cache_dir={cache}", "trainer.progress=false"]
     small = [*GRID, f"trainer.epochs={EPOCHS}", "mlflow.log_model=false"]
     n = 6
 
     print("warm-up: decoding the dataset into the cache once", flush=True)
     (base / "warmup").mkdir()
-    _sweep(base / "warmup", ["model.hidden=16", "trainer.epochs=1", "mlflow.log_model=false"], common)
+    _sweep(base / "warmup", ["model.hidden=16", "trainer.epochs=1", "mlflow.log_model=false"], shared)
 
     seq_walls, par_walls, fixed, cycles, completeness = [], [], [], [], []
     spans: dict[str, list[float]] = {"sequential": [], "parallel": []}
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             work = base / f"{mode}{i}"
             work.mkdir()
             extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if mode == "parallel" else []
-            wall = _sweep(work, [*extra, *small], common)
+            wall = _sweep(work, [*extra, *small], shared)
             spans[mode].append(span(work))
             print(f"{mode} #{i + 1}: {n} trials in {wall:.1f} s ({spans[mode][-1]:.1f} s of trials)", flush=True)
             if mode == "sequential":
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     timed_dir = base / "timed"
     timed_dir.mkdir()
     timings = base / "timings.json"
-    _sweep(timed_dir, ["model.hidden=64,128,256"], common, timings=timings)
+    _sweep(timed_dir, ["model.hidden=64,128,256"], shared, timings=timings)
     per_trial, share, split, parts, best_model_s = logging_share(timings, timed_dir)
 
     ratios = [s / p for s, p in zip(seq_walls, par_walls, strict=True)]
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     steady = [s / p for s, p in zip(spans["sequential"], spans["parallel"], strict=True)]
     fixed_s = statistics.fmean(fixed)
     finished_ok = all(f == t == n and ok for f, t, ok in completeness)
-    command = f"python -m mnist_sweep.bench_sweeps --repeats {a.repeats}"
+    command = common.command_line("benchmarks.sweeps", argv)
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -330,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Generated by `{command}` (data from `{a.data_root}`), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        f"- Machine: {_machine()}",
-        f"- Versions: {_versions()}",
+        f"- Machine: {common.machine()}",
+        f"- Versions: {common.versions_line()}",
         "- Sweep measured: `python train.py -m " + " ".join(small) + "` (6 trials, each on a fresh SQLite store),",
         "  sequential (basic launcher) and `hydra/launcher=joblib hydra.launcher.n_jobs=2`, alternating, "
         f"{a.repeats} pair(s).",
@@ -391,10 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         f"can only reach {ceiling:.2f}x of it on this machine, whatever the launcher does.",
         "",
     ]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"written: {a.out}")
+    common.write_report(a.out, "\n".join(lines))
 
 
 if __name__ == "__main__":
