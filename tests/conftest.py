@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import queue
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +77,14 @@ def tiny_data(tmp_path):
     return root, files
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """A test that reads the real MNIST files is end-to-end (e2e) by definition: `pytest -m "not e2e"` skips it."""
+    for item in items:
+        if "mnist_root" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     if not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists():
@@ -97,42 +107,143 @@ def raw_test_images(mnist_root: Path, n: int = 200):
     return images, data.read_idx(files["t10k-labels-idx1-ubyte"])[:n].numpy()
 
 
-def _train_py_env() -> dict[str, str]:
+def _train_py_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed
     env.pop("HYDRA_FULL_ERROR", None)  # errors as users see them
+    for key, value in (extra or {}).items():  # None removes the variable
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
-def train_py(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python train.py OVERRIDES...` for real, the way a user does."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=cwd,
-        env=_train_py_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def _tail(text: str | bytes | None, chars: int = 3000) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text or "")[-chars:]
+
+
+def train_py(*overrides: str, cwd: Path, timeout: int = 600, env: dict[str, str | None] | None = None):
+    """Run `python train.py OVERRIDES...` for real, the way a user does (``env``: variables to set, or with None
+    to remove).
+
+    A run that outlives ``timeout`` seconds is killed and the test fails with what it printed.
+    """
+    args = [sys.executable, str(REPO / "train.py"), *overrides]
+    try:
+        return subprocess.run(args, cwd=cwd, env=_train_py_env(env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        late = e
+    pytest.fail(
+        f"train.py {' '.join(overrides)} still ran after {timeout} s; it printed:\n"
+        f"{_tail(late.stdout)}\n--- stderr ---\n{_tail(late.stderr)}"
     )
 
 
-def start_train_py(*overrides: str, cwd: Path) -> subprocess.Popen:
-    """Start `python train.py OVERRIDES...` in the background, its output (stdout and stderr) readable by line."""
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=cwd,
-        env=_train_py_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+_CHILDREN: list[Child] = []
 
 
-def read_until(proc: subprocess.Popen, done, seconds: float) -> None:
-    """Read ``proc``'s output until a line satisfies ``done(line)`` (or ``seconds`` pass)."""
-    deadline = time.time() + seconds
-    for line in proc.stdout:
-        if done(line) or time.time() > deadline:
-            return
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    yield
+    while _CHILDREN:
+        child = _CHILDREN.pop()
+        if child.proc.poll() is None:  # the test failed before it waited for its child
+            child.proc.kill()
+            child.proc.wait(timeout=30)
+
+
+class Child:
+    """`python train.py` running in the background; a thread collects its output (stdout and stderr, by line),
+    so that no wait on it can hang: each one has a deadline, after which the child is killed and the test fails
+    with what the child printed."""
+
+    def __init__(self, overrides: tuple[str, ...], cwd: Path):
+        self.overrides = overrides
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *overrides],
+            cwd=cwd,
+            env=_train_py_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []  # everything read so far
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        _CHILDREN.append(self)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)  # end of output: the child closed it (exited)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def _fail(self, what: str) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
+        self._drain()
+        printed = "".join(self.lines)[-3000:]
+        pytest.fail(f"train.py {' '.join(self.overrides)}: {what}; it printed:\n{printed}")
+
+    def _drain(self) -> list[str]:
+        got = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return got
+            if line is not None:
+                got.append(line)
+                self.lines.append(line)
+
+    def read_until(self, done, seconds: float) -> str:
+        """Read lines until one satisfies ``done(line)`` and return it; fail if the child ends or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line == "":  # nothing came in time (a line read from a pipe ends in a newline, never empty)
+                self._fail(f"the awaited line did not come within {seconds} s")
+            if line is None:
+                self.proc.wait(timeout=30)
+                self._fail(f"exited (code {self.proc.returncode}) before the awaited line")
+            self.lines.append(line)
+            if done(line):
+                return line
+
+    def finish(self, seconds: float) -> str:
+        """Wait up to ``seconds`` for the child to exit; return what it printed after the lines read so far."""
+        try:
+            self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.returncode is None:
+            self._fail(f"still running after {seconds} s")
+        self._reader.join(timeout=30)
+        return "".join(self._drain())
+
+
+def start_train_py(*overrides: str, cwd: Path) -> Child:
+    """Start `python train.py OVERRIDES...` in the background (see Child)."""
+    return Child(overrides, cwd)
+
+
+def read_until(child: Child, done, seconds: float) -> str:
+    """Read ``child``'s output until a line satisfies ``done(line)``; the test fails after ``seconds``."""
+    return child.read_until(done, seconds)
 
 
 def tiny_fit(root, cache, *, seed=0, epochs=3, precision="fp32", lr=3e-3, depth=1, **fit_args):

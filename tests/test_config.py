@@ -70,13 +70,13 @@ def test_optimizer_presets_build_the_right_class():
 
 
 def test_wrong_types_and_unknown_keys_are_rejected_while_composing():
-    with pytest.raises(ConfigCompositionException) as info:
+    with pytest.raises(ConfigCompositionException, match="model.hidden=abc") as info:
         _compose("model.hidden=abc")
     assert isinstance(info.value.__cause__, ValidationError)
     assert "model.hidden" in cli.explain(info.value)
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigCompositionException, match="Could not override 'model.hiden'"):
         _compose("model.hiden=3")
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigCompositionException, match="Could not override 'optimizer.momentum'"):
         _compose("optimizer.momentum=0.5")  # adam has no momentum; its schema says so
 
 
@@ -105,7 +105,7 @@ def test_out_of_range_values_are_rejected_before_any_work(override, message):
 def test_missing_option_lists_the_choices():
     from hydra.errors import MissingConfigException
 
-    with pytest.raises(MissingConfigException) as info:
+    with pytest.raises(MissingConfigException, match="Could not find 'optimizer/lion'") as info:
         _compose("optimizer=lion")
     assert cli.explain(info.value) == (
         "optimizer=lion does not exist; choose one of: adam, adamw, sgd (e.g. optimizer=adam)"
@@ -122,7 +122,7 @@ def test_config_hash_ignores_where_things_go_but_not_what_is_computed():
 def test_best_presets_compose_with_their_recipes():
     best = config.check(_compose("experiment=best"))
     assert (best.model.hidden, best.model.depth, best.model.input_dropout, best.model.dropout) == (2048, 2, 0.2, 0.5)
-    assert best.data.augment.strength == 0 and best.trainer.precision == "bf16" and best.data.deskew
+    assert best.data.augment.strength == 0 and best.trainer.precision == "auto" and best.data.deskew
     aug = config.check(_compose("experiment=best_aug"))
     assert best.model.members == 3 and aug.model.members == 1  # best votes with 3 nets; best_aug trains one
     assert aug.data.augment.strength > 0 and aug.data.deskew  # deskewed, then distorted
@@ -142,4 +142,3 @@ def test_what_chooses_by_val_acc_needs_a_validation_split(override):
     config.check(_compose(override))  # fine with the default 5,000 validation images
     with pytest.raises(config.ConfigError, match=rf"{override.split('=')[0]}=\S+ is invalid: .*data.val_size=0"):
         config.check(_compose(override, "data.val_size=0"))
-

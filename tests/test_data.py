@@ -69,6 +69,7 @@ def test_checksum_mismatch_names_the_file_and_good_results_are_cached(tiny_data,
         data.verify_checksums(files, expected, cache)
 
 
+@pytest.mark.e2e  # reads the real files
 def test_real_mnist_hashes_are_the_canonical_ones(mnist_root, tmp_path):
     files = data.find_files(mnist_root, "mnist")
     data.verify_checksums(files, data.DATASETS["mnist"].sha256, tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import mlflow
@@ -116,7 +117,7 @@ def test_runs_started_together_keep_their_own_folders(tmp_path, mnist_root, cach
     common = ("trainer.epochs=1", "model.hidden=32", "mlflow.log_model=false", f"data.root={mnist_root}")
     procs = [start_train_py(*common, f"data.cache_dir={cache_dir}", f"seed={s}", cwd=tmp_path) for s in (1, 2)]
     for proc in procs:
-        output = proc.communicate(timeout=600)[0]
+        output = proc.finish(600)
         assert proc.returncode == 0, output[-3000:]
     folders = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(folders) == 2, folders
@@ -211,9 +212,32 @@ def test_bad_input_gets_one_line_and_logs_nothing(tmp_path, mnist_root, cache_di
     assert runs == []  # nothing was started, so nothing is left RUNNING or half-logged
 
 
-def test_missing_data_says_how_to_point_at_a_local_copy(tmp_path, cache_dir):
-    proc = train_py(f"data.root={tmp_path / 'nothing'}", f"data.cache_dir={cache_dir}", cwd=tmp_path, timeout=120)
-    _one_line_error(proc, "not found", "data.root=")
+def test_missing_data_without_download_says_how_to_point_at_a_local_copy(tmp_path, cache_dir):
+    args = (f"data.root={tmp_path / 'nothing'}", "data.download=false", f"data.cache_dir={cache_dir}")
+    proc = train_py(*args, cwd=tmp_path, timeout=120)
+    _one_line_error(proc, f"mnist not found in {tmp_path / 'nothing'}", "point data.root at a folder holding them")
+    assert "download failed" not in proc.stderr  # none was tried
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens on it once the socket is closed
+
+
+def test_failed_download_says_how_to_point_at_a_local_copy(tmp_path, cache_dir):
+    """data.download is on by default: the download fails the same way with or without a network, because every
+    request goes through a proxy (the standard *_proxy variables, which urllib and so torchvision obey) that
+    refuses connections."""
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    env = {"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy}
+    env |= {"no_proxy": None, "NO_PROXY": None, "all_proxy": None, "ALL_PROXY": None}
+    proc = train_py(
+        f"data.root={tmp_path / 'nothing'}", f"data.cache_dir={cache_dir}", cwd=tmp_path, timeout=120, env=env
+    )
+    _one_line_error(proc, "the download failed", "Connection refused", "data.root=")
+    _, runs = _runs(tmp_path)
+    assert runs == []
 
 
 def test_corrupt_idx_file_is_named_before_training(tmp_path, mnist_root, cache_dir):
@@ -231,8 +255,8 @@ def test_sigterm_closes_the_run_as_killed(tmp_path, mnist_root, cache_dir):
     proc = start_train_py("trainer.epochs=50", f"data.root={mnist_root}", f"data.cache_dir={cache_dir}", cwd=tmp_path)
     read_until(proc, lambda line: "epoch 1/50" in line, 120)  # training is under way
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    assert proc.returncode == 130
+    rest = proc.finish(60)
+    assert proc.returncode == 130, rest[-3000:]
     _, runs = _runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     assert runs[0].data.metrics["val/acc"] > 0  # what was logged before the signal is kept

@@ -161,6 +161,43 @@ def test_diverging_loss_stops_at_once(tiny_data, tmp_path):
         tiny_fit(tiny_data[0], tmp_path, lr=1e6)
 
 
+def _batches(nan_in_first: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three batches of 10 random images; with ``nan_in_first``, one pixel of the first batch is NaN."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 1, 28, 28, generator=g), torch.randint(0, 10, (30,), generator=g)
+    if nan_in_first:
+        x[0, 0, 0, 0] = float("nan")
+    return [(x[i : i + 10], y[i : i + 10]) for i in range(0, 30, 10)]
+
+
+def test_a_nan_weight_stops_training_at_the_first_step():
+    """A real NaN loss (not a large finite one, as lr=1e6 gives) stops the run: `not loss <= limit` catches it."""
+    torch.manual_seed(0)
+    net = model.MLP(hidden=16, depth=1)
+    with torch.no_grad():
+        net.net[-1].weight[3, 5] = float("nan")
+    cpu = torch.device("cpu")
+    with pytest.raises(training.DivergedError, match=r"^training diverged: loss nan at epoch 1, step 1 "):
+        training.fit(net, _batches(False), [], torch.optim.Adam(net.parameters()), epochs=1, device=cpu, max_loss=0)
+
+
+def test_a_nan_between_two_looks_at_the_loss_is_not_forgotten():
+    """With the host looking only every 3 steps (as on a GPU), a NaN at step 1 followed by finite losses still
+    stops the run at the next look. The optimiser holds none of the net's weights, so they stay finite and the
+    later losses are finite: only the kept worst loss remembers the NaN."""
+    cpu = torch.device("cpu")
+
+    def fit(batches):
+        torch.manual_seed(0)
+        net = model.MLP(hidden=16, depth=1)
+        idle = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # never touches the net
+        return training.fit(net, batches, [], idle, epochs=1, device=cpu, check_every=3)
+
+    assert math.isfinite(fit(_batches(False)).epochs[0].train_loss)  # the same run without the NaN trains
+    with pytest.raises(training.DivergedError, match=r"^training diverged: loss nan at epoch 1, step 3 "):
+        fit(_batches(True))
+
+
 def test_early_stopping_keeps_the_best_epoch(tiny_data, tmp_path):
     result, _, seen = tiny_fit(tiny_data[0], tmp_path, epochs=30, patience=2, lr=1e-2)
     assert len(seen) < 30  # stopped early
@@ -205,4 +242,3 @@ def test_on_epoch_can_stop_training(tiny_data, tmp_path):
         on_epoch=lambda er: er.epoch == 3,
     )
     assert [e.epoch for e in result.epochs] == [1, 2, 3] and result.best_epoch == 3
-

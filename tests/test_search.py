@@ -30,9 +30,16 @@ def _search(tmp_path, *overrides, name="run"):
         "SWEEP_DIR": str(tmp_path / name),
         "SWEEP_STORAGE": f"sqlite:///{tmp_path}/optuna.db",
     }
-    proc = subprocess.run(
-        [sys.executable, str(APP), "-m", *overrides], env=env, capture_output=True, text=True, timeout=300
-    )
+    late = None
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(APP), "-m", *overrides], env=env, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired as e:
+        late = e
+    if late is not None:  # failed outside the except block, so that the report is the child's output alone
+        printed = late.stderr.decode(errors="replace") if isinstance(late.stderr, bytes) else late.stderr or ""
+        pytest.fail(f"the stand-in search {overrides} still ran after 300 s; it printed:\n{printed[-3000:]}")
     lines = (tmp_path / "trials.log").read_text().splitlines() if (tmp_path / "trials.log").exists() else []
     return proc, lines
 

@@ -114,7 +114,7 @@ def store(tmp_path):
 def test_runs_of_dead_processes_are_closed_as_killed_on_the_next_launch(store):
     client, experiment_id = store
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+    gone.wait(timeout=60)
     dead = client.create_run(experiment_id, tags={**tracking.owner_tags(), "owner.pid": str(gone.pid)})
     alive = client.create_run(experiment_id, tags=tracking.owner_tags())  # this very process
     remote = client.create_run(experiment_id, tags={"owner.host": "another-node", "owner.pid": str(gone.pid)})
@@ -164,7 +164,13 @@ def test_processes_meeting_a_fresh_store_all_get_it_intact(tmp_path):
         subprocess.Popen([sys.executable, "-c", code, uri], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(4)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        printed = [err.decode()[-800:] for _, err in (p.communicate(timeout=30) for p in procs)]
+        pytest.fail(f"tracking.prepare still ran after 300 s; the processes printed: {printed}")
     assert [p.returncode for p in procs] == [0] * 4, [err.decode()[-800:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, the same id for all
     client = mlflow.MlflowClient(uri)

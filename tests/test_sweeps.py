@@ -48,7 +48,8 @@ def _leaderboard(client, parent_id) -> list[dict[str, str]]:
 def failing_sweep(tmp_path_factory, mnist_root, cache_dir):
     """Three trials, one of which diverges at once (lr 1e6). Models on (the default): the best gets one.
 
-    The digits are deskewed (data.deskew), so the logged model must deskew raw images itself.
+    The digits are deskewed (data.deskew), so the logged model must deskew raw images itself. Shared by the tests
+    below, which only read it: a test that launches again does so in its own folder.
     """
     workdir = tmp_path_factory.mktemp("failing_sweep")
     common = ("model.hidden=16", "trainer.epochs=1", "data.deskew=true", *_data(mnist_root, cache_dir))
@@ -140,10 +141,13 @@ def test_leaderboard_lists_swept_keys_objective_and_status_of_every_trial(failin
     assert "train.py" in rerun and f"optimizer.lr={best.data.params['optimizer.lr']}" in rerun and " -m" not in rerun
 
 
-def test_relaunch_runs_only_what_did_not_finish(failing_sweep, mnist_root, cache_dir):
-    workdir, args, first = failing_sweep
+def test_relaunch_runs_only_what_did_not_finish(tmp_path, mnist_root, cache_dir):
+    workdir = tmp_path
+    args = ("-m", "optimizer.lr=0.001,1e6,0.003", "model.hidden=16", *SMALL, *_data(mnist_root, cache_dir))
+    first = train_py(*args, cwd=workdir)
+    assert first.returncode == 1 and "1 of 3 trials failed" in first.stderr, first.stderr[-3000:]
     proc = train_py(*args, cwd=workdir)
-    assert proc.returncode == 1  # the diverging trial ran again, and failed again
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the diverging trial ran again, and failed again
     assert proc.stdout.count("skipped: this config already FINISHED") == 2
     client, parents, trials = _store(workdir)
     assert len(parents) == 2
@@ -174,7 +178,7 @@ def test_resume_after_kill_9_finishes_each_config_exactly_once(tmp_path, mnist_r
 
     read_until(proc, second_trial_training, 300)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.finish(60)
     client, parents, trials = _store(tmp_path)
     assert [p.info.status for p in parents] == ["RUNNING"]  # nobody could close them...
     assert sorted(t.info.status for t in trials) == ["FINISHED", "RUNNING"]
@@ -281,8 +285,8 @@ def test_a_mistake_stops_the_sweep_before_any_trial_in_one_line(tmp_path, mnist_
 
 def test_trial_outcome_tags_are_json(failing_sweep):
     client, parents, _ = _store(failing_sweep[0])
-    first = min(parents, key=lambda r: r.info.start_time)  # the fixture's launch (later tests relaunch it)
-    tags = {k: json.loads(v) for k, v in first.data.tags.items() if k.startswith(sweep.TRIAL_PREFIX)}
+    (parent,) = parents  # nothing launched the fixture's sweep again
+    tags = {k: json.loads(v) for k, v in parent.data.tags.items() if k.startswith(sweep.TRIAL_PREFIX)}
     assert sorted(t["status"] for t in tags.values()) == ["FAILED", "FINISHED", "FINISHED"]
 
 
@@ -291,7 +295,7 @@ def test_sigterm_closes_the_sweep_and_its_running_trial_as_killed(tmp_path, mnis
     proc = start_train_py(*args, cwd=tmp_path)
     read_until(proc, lambda line: "epoch 1/50" in line, 300)  # the first trial is training
     proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=120)[0]
+    rest = proc.finish(120)
     assert proc.returncode == 130, rest[-2000:]
     client, parents, trials = _store(tmp_path)
     assert [p.info.status for p in parents] == ["KILLED"]

@@ -80,5 +80,7 @@ def test_sweep_against_a_postgresql_backed_server(server, tmp_path, mnist_root, 
     assert board.count("FINISHED") == 2
     # The files really are on the server's side, in PostgreSQL's neighbour folder, not beside the client.
     assert list((folder / "artifacts").rglob("leaderboard.csv"))
-    status = subprocess.run(["bash", str(SCRIPT), "status", "--dir", str(folder)], capture_output=True, text=True)
+    status = subprocess.run(
+        ["bash", str(SCRIPT), "status", "--dir", str(folder)], capture_output=True, text=True, timeout=60
+    )
     assert "mlflow server: running" in status.stdout and "postgresql: running" in status.stdout
