@@ -18,7 +18,7 @@ CONF_DIR = REPO / "conf"
 RECORDS = Path(__file__).resolve().parent / "records"
 # The blocks of docs/BENCHMARKS.md, in the order they appear: each written by its benchmark, the last by hand.
 BENCHMARKS_MD = DOCS / "BENCHMARKS.md"
-BLOCKS = ("speed", "augment", "denormal", "retired")
+BLOCKS = ("speed", "startup", "augment", "denormal", "retired")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 

@@ -5,6 +5,7 @@ library. Behaviour only: no test asserts a wall-clock time (timings belong in th
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import re
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import augment, common, denormal, search, speed, sweeps
-from conftest import REPO
+from conftest import REPO, make_dataset
 from mnist_sweep import model
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,3 +380,21 @@ def test_denormal_times_both_runs_side_by_side(tmp_path, mnist_root, cache_dir):
     assert len(rows) == 3 and all(float(ln.split("|")[4]) > 0 for ln in rows)  # a ratio for each block
     assert "<!-- begin denormal -->" in text and "python -m benchmarks.denormal --data-root" in text
     assert "identical in" in text
+
+
+def test_startup_benchmark_lays_out_the_template_with_uncompressed_mnist(tmp_path):
+    from benchmarks import startup
+
+    make_dataset(tmp_path / "mnist", compress=True)
+    template = tmp_path / "lht"
+    for folder in ("configs/data", "src", "data", "logs", ".git"):
+        (template / folder).mkdir(parents=True)
+    (template / "configs/data/mnist.yaml").write_text("batch_size: 64\n")
+    (template / "data/stale.bin").write_text("x")
+    work = startup.prepare_template(template, tmp_path / "mnist", tmp_path / "out")
+    raw = work / "data" / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(startup.FILES)
+    with gzip.open(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", "rb") as f:
+        assert (raw / "train-labels-idx1-ubyte").read_bytes() == f.read()
+    assert (work / "configs/data/mnist.yaml").exists()  # the template's own data config is kept
+    assert not (work / ".git").exists() and not (work / "logs").exists() and not (work / "data/stale.bin").exists()

@@ -1,0 +1,184 @@
+"""What a run costs beyond its training, and a whole 3-epoch trial against lightning-hydra-template's.
+
+    python -m benchmarks.startup                                  # writes the "startup" block of docs/BENCHMARKS.md
+    python -m benchmarks.startup --template ../lightning-hydra-template   # adds the template, side by side
+
+Every process is started the way a user starts it and timed from outside (wall clock, start-up, MLflow logging
+and exit included), in turns - import torch, this project, the template, again - so a slow spell of a shared
+machine hits all of them alike; the report gives medians and ratios.
+
+* ``python -c "import torch"``: the floor every PyTorch program pays before it does anything.
+* ``python train.py trainer.epochs=3``: this project's default net for 3 epochs, logged to a fresh SQLite store.
+  Its overhead is the wall time minus the training time it prints: start-up, data loading, MLflow, model logging.
+* lightning-hydra-template (``--template DIR``, a checkout of github.com/ashleve/lightning-hydra-template):
+  ``python src/train.py trainer=cpu trainer.max_epochs=3 logger=mlflow``, its SimpleDenseNet on the CPU with its
+  MLflow logger, fit then test. It runs in its own environment (``--template-python``, a venv with
+  ``pip install torch torchvision lightning torchmetrics rootutils rich hydra-colorlog hydra-core==1.3.2 mlflow``:
+  mlflow.pytorch imports Lightning where it is installed, which would slow this project's runs down too),
+  ``MLFLOW_ALLOW_FILE_STORE=true`` (its logger writes a plain folder store) and the uncompressed IDX files in its
+  ``data/MNIST/raw/`` (made here from ``--data-root``). Its test step reloads the best checkpoint with
+  ``torch.load``, which refuses Lightning's checkpoint under torch >= 2.6's ``weights_only=True`` default: the
+  benchmark sets torch's own switch ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for that process, so the template runs
+  to its end unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+REPO = common.REPO
+SKIP = (".git", "logs", "data")  # the template's own top-level folders that a fresh copy starts without
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> tuple[float, str]:
+    """Wall seconds of one process, and what it printed; a failure stops the benchmark with its last lines."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return wall, proc.stdout + proc.stderr
+
+
+def import_torch(env: dict[str, str], cwd: Path) -> dict:
+    wall, _ = timed([sys.executable, "-c", "import torch"], cwd, env)
+    return {"wall": wall}
+
+
+def project_trial(data_root: Path, cwd: Path, env: dict[str, str], epochs: int) -> dict:
+    """``python train.py trainer.epochs=N`` in ``cwd``, whose SQLite store the warm-up run created (a user's
+    first run creates it once: a second or more, see docs/BENCHMARKS-sweeps.md)."""
+    work = cwd
+    cmd = [sys.executable, str(REPO / "train.py"), f"data.root={data_root}", f"trainer.epochs={epochs}"]
+    wall, text = timed(cmd, work, env)
+    m = re.search(r"test/acc ([\d.]+)\s+\(([\d.]+) s training\)", text)
+    if m is None:
+        raise RuntimeError(f"train.py printed no result line: {text[-500:]}")
+    return {"wall": wall, "train_s": float(m.group(2)), "test_acc": float(m.group(1))}
+
+
+def prepare_template(template: Path, data_root: Path, cwd: Path) -> Path:
+    """A copy of the template with MNIST where its datamodule looks (uncompressed, data/MNIST/raw/)."""
+    work = cwd / "template"
+    top = Path(template)
+    shutil.copytree(template, work, ignore=lambda d, names: [n for n in names if Path(d) == top and n in SKIP])
+    raw = work / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FILES:
+        plain, packed = data_root / name, data_root / f"{name}.gz"
+        if plain.exists():
+            shutil.copy(plain, raw / name)
+        else:
+            with gzip.open(packed, "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    (work / ".project-root").touch()
+    return work
+
+
+def template_trial(work: Path, python: str, env: dict[str, str], epochs: int) -> dict:
+    env = {**env, "MLFLOW_ALLOW_FILE_STORE": "true", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PROJECT_ROOT": str(work)}
+    cmd = [python, "src/train.py", "trainer=cpu", f"trainer.max_epochs={epochs}", "logger=mlflow"]
+    wall, text = timed(cmd, work, env)
+    m = re.search(r"test/acc\s*│\s*([\d.]+)", text) or re.search(r"'test/acc': (?:tensor\()?([\d.]+)", text)
+    return {"wall": wall, "test_acc": float(m.group(1)) if m else float("nan")}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def run_bench(args: argparse.Namespace) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    data_root = Path(args.data_root).resolve()
+    torch_runs, ours, theirs = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        work = prepare_template(Path(args.template).resolve(), data_root, cwd) if args.template else None
+        if work is not None:
+            # A first run pays the template's one-time costs (its data, .pyc files).
+            template_trial(work, args.template_python, env, 1)
+        project_trial(data_root, cwd, env, 1)  # and ours (the decoded-tensor cache, .pyc files)
+        for i in range(args.repeats):
+            torch_runs.append(import_torch(env, cwd))
+            ours.append(project_trial(data_root, cwd, env, args.epochs))
+            if work is not None:
+                theirs.append(template_trial(work, args.template_python, env, args.epochs))
+            if not args.silent:
+                last = f", template {theirs[-1]['wall']:.1f} s" if theirs else ""
+                print(f"round {i + 1}: torch {torch_runs[-1]['wall']:.2f} s, ours {ours[-1]['wall']:.1f} s{last}")
+
+    t_torch, t_ours, t_train = median(torch_runs, "wall"), median(ours, "wall"), median(ours, "train_s")
+    overhead = [r["wall"] - r["train_s"] for r in ours]
+    out = [f"## Start-up and wrap-up: what a run costs beyond its training ({args.repeats} rounds, in turns)", ""]
+    out += common.header(common.command_line("benchmarks.startup", args.argv))
+    rows = [
+        ['`python -c "import torch"`', f"{t_torch:.2f} s", "", ""],
+        [
+            f"`python train.py trainer.epochs={args.epochs}`",
+            f"{t_ours:.2f} s",
+            f"{t_train:.2f} s",
+            f"{statistics.median(r['test_acc'] for r in ours):.2%}",
+        ],
+    ]
+    if theirs:
+        rows.append(
+            [
+                f"lightning-hydra-template, `trainer.max_epochs={args.epochs} logger=mlflow`, fit and test",
+                f"{median(theirs, 'wall'):.2f} s",
+                "",
+                f"{statistics.median(r['test_acc'] for r in theirs):.2%}",
+            ]
+        )
+    out += [common.table(["process", "wall (median)", "training", "test accuracy"], rows), ""]
+    ratio = statistics.median(overhead) / t_torch
+    out += [
+        f"Overhead of a run (wall minus training), median: **{statistics.median(overhead):.2f} s = "
+        f"{ratio:.2f}x** the time of `import torch` (target ≤ 2x, stretch 1.5x). Per round: "
+        + ", ".join(f"{o:.2f} s" for o in overhead)
+        + ".",
+        "",
+    ]
+    if theirs:
+        per_round = [t["wall"] / o["wall"] for t, o in zip(theirs, ours, strict=True)]
+        out += [
+            f"Whole {args.epochs}-epoch trial, lightning-hydra-template / this project: **"
+            f"{median(theirs, 'wall') / t_ours:.1f}x** (medians; per round "
+            + ", ".join(f"{r:.1f}x" for r in per_round)
+            + "; target ≥ 6x).",
+            "",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=common.default_data_root())
+    parser.add_argument("--template", help="a checkout of lightning-hydra-template, to time side by side")
+    parser.add_argument("--template-python", default=sys.executable, help="the Python of the template's environment")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(common.BENCHMARKS_MD), help="its 'startup' block is written")
+    parser.add_argument("--silent", action="store_true")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    common.write_report(args.out, run_bench(args), block="startup")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
