@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from benchmarks import common
 
 REPO = common.REPO
@@ -208,13 +210,16 @@ def reference(tracking_uri: str, experiment: str, recipe: str) -> dict | None:
 
 
 def _tpe_seed(overrides: list[str]) -> str:
-    """The sampler's seed: the last `hydra.sweeper.seed=N` override, else the sweeper's default."""
-    seeds = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("hydra.sweeper.seed=")]
+    """The sampler's seed: the last `hydra.sweeper.sampler.seed=N` override (`hydra.sweeper.seed=N` in the records
+    made before the sampler group), else this project's sweeper preset's."""
+    seeds = [o.split("=", 1)[1] for o in overrides if _is_seed(o)]
     if seeds:
         return seeds[-1]
-    from mnist_sweep.search import OptunaSweeperConf
+    return str(OmegaConf.load(common.CONF_DIR / "hydra" / "sweeper" / "optuna.yaml").sampler.seed)
 
-    return str(OptunaSweeperConf().seed)
+
+def _is_seed(override: str) -> bool:
+    return override.lstrip("+").startswith(("hydra.sweeper.sampler.seed=", "hydra.sweeper.seed="))
 
 
 def _setup_from_runs(tracking_uri: str, pruner: str) -> dict:
@@ -260,7 +265,7 @@ def make_record(a, setup: dict, summaries: dict[str, dict], ref: dict | None) ->
         "epochs": a.epochs,
         "jobs": a.jobs,
         "tpe_seed": _tpe_seed(a.override),
-        "space": [o for o in a.override if not o.lstrip("+").startswith("hydra.sweeper.seed=")],
+        "space": [o for o in a.override if not _is_seed(o)],
         "searches": summaries,
         "reference": ref,
     }

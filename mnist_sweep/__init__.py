@@ -12,8 +12,9 @@ The pipeline, one module per step, in the order a run happens (``run.py`` calls 
     cli.py       the command line: one line for every mistake, exit codes
 
 A sweep: sweep.py is the launcher's side (parent run, leaderboard), trial.py each trial's side (joining it,
-resume, dividing the machine); search.py is the Optuna sweeper (hydra_plugins/ registers it); plots.py draws
-the pictures. Measurements live outside the package, in benchmarks/.
+resume, dividing the machine), slurm.py checks a SLURM cluster before any job is submitted. search.py is what this
+app adds to an Optuna search (per-epoch pruning, the best config as a preset; the sweeper itself is
+hydra_plugins/mnist_sweep_optuna); plots.py draws the pictures. Measurements live outside, in benchmarks/.
 """
 
 __version__ = "0.1.0"

@@ -239,6 +239,7 @@ class TrainerConfig:
     max_loss: float = 100.0  # stop as diverged when the training loss is NaN, inf or above this; 0 = only NaN/inf
     progress: bool = True  # a progress bar while an epoch runs (only when attached to a terminal)
     test: bool = True  # score the test set at the end; a search's trials set it false (validation only)
+    checkpoint: bool = True  # save the training state at each epoch's end, so an interrupted run can go on
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1", "trainer.epochs=5")
@@ -266,11 +267,15 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # or http://HOST:PORT for a tracking server
     experiment: str = "mnist-sweep"  # the MLflow experiment every run and sweep goes into
     run_name: str | None = None  # default: built from the command-line overrides
-    log_model: bool = True  # mlflow.pytorch.log_model with signature and input example
+    log_model: bool = True  # mlflow.pytorch.log_model with an input example (raw uint8 images)
     model_format: str = "pickle"  # pickle (fast, code travels with it) | pt2 (torch.export, ~2 s more per run)
     # In a sweep: best = only the best trial's model is logged, once, when the sweep ends (every trial keeps its
     # checkpoint artifact); all = every trial logs its model (about 0.2 s each, 2 s for the first in a process).
     sweep_models: str = "best"
+    # The Model Registry: each sweep registers its best trial's model as a new version of this registered model and
+    # moves the alias @champion to it when its best_val/acc beats the champion's; null: register nothing.
+    registered_model: str | None = "${data.name}-mlp"
+    ui_url: str | None = None  # MLflow UI the printed links open; null: the tracking server, else http://127.0.0.1:5000
 
     def __post_init__(self) -> None:
         _require(
@@ -306,6 +311,23 @@ class OptunaTrialConfig:
     pruner: str = "median"  # the search's pruner (hydra.sweeper.pruner)
     warmup_epochs: int = 1  # epochs before this trial may be pruned
     startup_trials: int = 5  # trials that finish unpruned before pruning starts
+    # the final metrics a run returns, in order, for a search of several objectives (experiment=search_pareto);
+    # empty: it returns the validation accuracy
+    objectives: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.objectives if n not in OBJECTIVES]
+        _require(
+            not unknown,
+            "optuna.objectives",
+            self.objectives,
+            f"choose from {', '.join(OBJECTIVES)}",
+            "optuna.objectives=[best_val/acc,weights]",
+        )
+
+
+# The final metrics of a run that a search may optimise (run.py logs them).
+OBJECTIVES = ("best_val/acc", "weights", "train_time_s")
 
 
 @dataclass
@@ -326,6 +348,7 @@ class Config:
     mlflow: MlflowConfig = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0  # model initialisation and batch order; the validation split has its own data.split_seed
+    resume: str | None = None  # an interrupted run's MLflow run id: continue it from its last epoch
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
 
     def __post_init__(self) -> None:
@@ -367,7 +390,17 @@ def check(cfg: DictConfig) -> Config:
 
 
 # Keys that name where things go, not what is computed: left out of the config hash.
-NOT_HASHED = ("mlflow", "sweep", "optuna", "data.root", "data.cache_dir", "data.num_workers", "trainer.progress")
+NOT_HASHED = (
+    "mlflow",
+    "sweep",
+    "optuna",
+    "resume",
+    "data.root",
+    "data.cache_dir",
+    "data.num_workers",
+    "trainer.progress",
+    "trainer.checkpoint",
+)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

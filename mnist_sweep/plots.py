@@ -94,3 +94,28 @@ def objective_vs_keys_png(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pareto_png(points: list[tuple[float, float]], on_front: list[bool], names: tuple[str, ...], path: Path) -> Path:
+    """Two objectives of every finished trial, the Pareto front (no trial better in both) joined up and labelled.
+
+    The second objective (weights, seconds) goes on the x axis, log scale when it spans a decade or more.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ys, xs = zip(*points, strict=True) if points else ((), ())
+    ax.scatter(xs, ys, c="#bbbbbb", label="trial")
+    front = sorted((x, y) for (y, x), on in zip(points, on_front, strict=True) if on)
+    if front:
+        ax.plot(*zip(*front, strict=True), "o-", color="#d62728", label="Pareto front", drawstyle="steps-post")
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(names[1])
+    ax.set_ylabel(names[0])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{len(front)} of {len(points)} finished trials on the Pareto front")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

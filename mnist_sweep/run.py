@@ -17,9 +17,11 @@ Each step takes plain values and hands plain values on: the Hydra config stops a
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +32,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep import UserError, augment, config, data, model, plots, search, tracking, training, trial
-from mnist_sweep.cli import fail, sigterm_to_interrupt
+from mnist_sweep import UserError, augment, config, data, model, plots, search, sweep, tracking, training, trial
+from mnist_sweep.cli import CONF_DIR, fail, sigterm_to_interrupt
 
 log = logging.getLogger("mnist_sweep")
 
 config.register()
 
 
-def task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float | tuple[float, ...]:
     """Hydra's task function: one job of `python train.py [-m]`. Returns the objective, validation accuracy."""
     try:
         return run(cfg)
@@ -64,9 +66,19 @@ class Context:
     device: torch.device
     experiment_id: str
     trial: trial.Trial | None  # in a sweep: this trial's place in it
+    resume: Resume | None = None  # an interrupted run this one continues
 
 
-def run(cfg: DictConfig) -> float:
+@dataclass
+class Resume:
+    """An interrupted run to go on with: its id, where its training state is saved, and that state."""
+
+    run_id: str
+    path: Path
+    state: dict
+
+
+def run(cfg: DictConfig) -> float | tuple[float, ...]:
     """One training run: check, load, train, evaluate, log. Returns the validation accuracy (the objective)."""
     tracking.quiet()
     sigterm_to_interrupt()
@@ -75,16 +87,19 @@ def run(cfg: DictConfig) -> float:
         reused = _reuse_finished(ctx)
         if reused is not None:
             return reused
+        ctx.resume = _interrupted_trial(ctx)
     _share_machine(ctx)
 
-    loaders, data_seconds = boxes_and_belts(ctx.settings, ctx.device)
+    loaders, data_seconds, order = boxes_and_belts(ctx.settings, ctx.device)
     net, optimizer, args = student(ctx, len(loaders.classes))
 
-    with tracking.start_run(ctx.experiment_id, _name(ctx), _tags(ctx), _parent(ctx)) as mlrun:
+    reopen = ctx.resume.run_id if ctx.resume else None
+    with tracking.start_run(ctx.experiment_id, _name(ctx), _tags(ctx), _parent(ctx), reopen) as mlrun:
         if ctx.trial is not None:
             ctx.trial.run_id = mlrun.id
-        mlrun.log_params({**params(cfg, ctx.hc), "trainer.precision": ctx.settings.trainer.precision})
-        fitted, rows = lessons(ctx, net, optimizer, loaders, mlrun)
+        mlrun.log_params({**params(ctx.cfg, ctx.hc), "trainer.precision": ctx.settings.trainer.precision})
+        _log_dataset(ctx, mlrun, loaders)
+        fitted, rows = lessons(ctx, net, optimizer, loaders, order, mlrun)
         test = exam(ctx.settings, net, loaders, ctx.device) if ctx.settings.trainer.test else None
         val_text = f"{fitted.val_acc:.4f}" if fitted.epochs[-1].validated else "none (data.val_size=0)"
         if test is not None:
@@ -93,12 +108,17 @@ def run(cfg: DictConfig) -> float:
                 *(test.loss, test.acc, loaders.n_test, test.seconds, val_text, fitted.train_seconds),
             )
         final = _final_metrics(fitted, test, data_seconds)
+        final["weights"] = model.count_params(net)  # an objective a search may minimise (optuna.objectives)
         mlrun.log_metrics(final, step=fitted.best_epoch)
         notebook(ctx, mlrun, net, args, loaders, rows, test)
+        _state_path(ctx).unlink(missing_ok=True)  # finished: nothing left to resume
 
     tested = f"test/acc {test.acc:.4f}" if test is not None else "test set not used (trainer.test=false)"
     print(f"val/acc {val_text}  {tested}  ({fitted.train_seconds:.1f} s training)  mlflow run {mlrun.id}")
-    return float(fitted.val_acc)
+    if ctx.trial is None:  # a sweep prints one link, to all its trials, when it ends
+        print(f"see it in MLflow: {_link(ctx, mlrun.id)}")
+    objectives = ctx.settings.optuna.objectives  # a multi-objective search's metrics (experiment=search_pareto)
+    return search.objective_values(final, objectives) if objectives else float(fitted.val_acc)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -110,26 +130,91 @@ def check(cfg: DictConfig) -> Context:
     """Range-check the settings, find the device, open the tracking store and, in a sweep, join it."""
     hc = _hydra()
     settings = config.check(cfg)
+    experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
+    resume = None
+    if settings.resume:  # `python train.py resume=RUN_ID`: that run's own settings, from its saved state
+        resume = _resume_by_id(settings.resume)
+        cfg = OmegaConf.merge(OmegaConf.create(resume.state["config"]), {"mlflow": cfg.mlflow, "resume": None})
+        settings = config.check(OmegaConf.merge(OmegaConf.structured(config.Config), cfg))
     device = training.resolve_device(settings.device.type)
     settings.trainer.precision = training.resolve_precision(settings.trainer.precision, device)
-    experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
+    _check_size(settings, device)
     joined = trial.join(experiment_id, trial.sweep_dir(hc), int(hc.job.num)) if _in_sweep(hc) else None
     out_dir = Path(hc.runtime.output_dir) if hc else Path.cwd()
-    return Context(cfg, settings, hc, out_dir, device, experiment_id, joined)
+    return Context(cfg, settings, hc, out_dir, device, experiment_id, joined, resume)
 
 
-def _reuse_finished(ctx: Context) -> float | None:
+def _check_size(settings: config.Config, device: torch.device) -> None:
+    """Fit before compute: a batch larger than the training split, or a net that cannot fit in memory, is
+    refused now, in one line, instead of training one step per epoch or growing until the system kills it."""
+    d, m = settings.data, settings.model
+    n_train = 60000 - d.val_size
+    if d.batch_size > n_train:
+        raise UserError(
+            f"data.batch_size={d.batch_size} is larger than the training split ({n_train} images): every epoch "
+            f"would be one step; use at most data.batch_size={n_train} (e.g. data.batch_size=256)"
+        )
+    o = settings.optimizer
+    optimizer = str(o.get("_target_", "") if isinstance(o, dict) else o._target_).rsplit(".", 1)[-1].lower()
+    parts = training.memory_estimate(
+        hidden=m.hidden,
+        depth=m.depth,
+        members=m.members,
+        num_classes=10,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        optimizer=optimizer,
+        dataset_on_device=d.loader == "tensor",
+    )
+    training.check_fits(parts, device)
+
+
+def _resume_by_id(run_id: str) -> Resume:
+    """The interrupted run ``run_id`` of this store, with its saved training state, or a one-line error."""
+    found = tracking.find_run(run_id)
+    if found is None:
+        raise UserError(f"resume={run_id}: no such MLflow run in this store; copy the id from `mlflow ui`")
+    if found.info.status == "FINISHED":
+        raise UserError(f"resume={run_id}: that run FINISHED; nothing to continue")
+    path = Path(found.data.tags.get(trial.RESUME_STATE, ""))
+    if not path.is_file():
+        raise UserError(f"resume={run_id}: its saved training state ({path or 'none'}) is gone; run it again")
+    if found.info.status == "RUNNING":
+        raise UserError(f"resume={run_id}: that run is RUNNING; stop it first (Ctrl-C), or wait for it")
+    return Resume(run_id, path, _load_state(path))
+
+
+def _interrupted_trial(ctx: Context) -> Resume | None:
+    """A relaunched sweep continues a trial of the same config that was interrupted, in the same MLflow run."""
+    found = trial.interrupted(ctx.experiment_id, config.config_hash(ctx.cfg))
+    if found is None:
+        return None
+    path = Path(found.data.tags[trial.RESUME_STATE])
+    return Resume(found.info.run_id, path, _load_state(path))
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file cut short by a crash cannot happen (see _saver), but a disk can fail
+        raise UserError(f"cannot read the saved training state {path} ({e}); delete it to start over") from e
+    log.info("resuming from %s: epoch %d done", path, state["epoch"])
+    return state
+
+
+def _reuse_finished(ctx: Context) -> float | tuple[float, ...] | None:
     """Resume: a trial whose config already FINISHED in this experiment is not trained again."""
     previous = trial.previous_result(ctx.experiment_id, config.config_hash(ctx.cfg))
-    if previous is None:
-        return None
+    objectives = ctx.settings.optuna.objectives
+    if previous is None or not set(objectives) <= set(previous.data.metrics):
+        return None  # (a run logged before one of the objectives was: trained again)
     ctx.trial.reused_from = previous.info.run_id
     objective = float(previous.data.metrics[trial.OBJECTIVE_METRIC])
     print(
         f"skipped: this config already FINISHED as mlflow run {previous.info.run_id} "
         f"(val/acc {objective:.4f}); sweep.rerun=true trains it again"
     )
-    return objective
+    return search.objective_values(previous.data.metrics, objectives) if objectives else objective
 
 
 def _share_machine(ctx: Context) -> None:
@@ -154,8 +239,9 @@ def _share_machine(ctx: Context) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def boxes_and_belts(settings: config.Config, device: torch.device) -> tuple[data.Loaders, float]:
-    """The three splits on their conveyor belts, and the seconds it took to load them."""
+def boxes_and_belts(settings: config.Config, device: torch.device) -> tuple[data.Loaders, float, torch.Generator]:
+    """The three splits on their conveyor belts, the seconds it took to load them, and the generator that
+    draws each epoch's order (saved with the training state, so a resumed run draws what it would have)."""
     torch.manual_seed(settings.seed)
     order = torch.Generator().manual_seed(settings.seed)  # the order batches are drawn in, every epoch
     t0 = time.perf_counter()
@@ -174,7 +260,7 @@ def boxes_and_belts(settings: config.Config, device: torch.device) -> tuple[data
         device,
         seconds,
     )
-    return loaders, seconds
+    return loaders, seconds, order
 
 
 def build_loaders(settings: config.Config, device: torch.device, order: torch.Generator) -> data.Loaders:
@@ -238,10 +324,16 @@ def model_args(settings: config.Config, num_classes: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def lessons(ctx: Context, net, optimizer, loaders: data.Loaders, mlrun: tracking.Run):
-    """Train; log each epoch's metrics as it ends; let a search's pruner stop a hopeless trial."""
+def lessons(ctx: Context, net, optimizer, loaders: data.Loaders, order: torch.Generator, mlrun: tracking.Run):
+    """Train; log each epoch's metrics as it ends; let a search's pruner stop a hopeless trial. Save the
+    training state at each epoch's end; an interrupted run goes on from its last one."""
     settings, rows = ctx.settings, []
     epochs = settings.trainer.epochs
+    state = ctx.resume.state if ctx.resume else None
+    if state is not None:
+        order.set_state(state["order"])
+        rows = [{"epoch": e["epoch"], **training.EpochResult(**e).metrics()} for e in state["history"]]
+        _log_missing_epochs(mlrun, rows)
     pruner = search.reporter(settings.optuna, epochs)  # in an Optuna search: each epoch's val/acc to the study
 
     def on_epoch(er: training.EpochResult) -> bool:
@@ -266,9 +358,43 @@ def lessons(ctx: Context, net, optimizer, loaders: data.Loaders, mlrun: tracking
         num_classes=len(loaders.classes),
         on_epoch=on_epoch,
         progress=settings.trainer.progress,
+        checkpoint=_saver(ctx, order, mlrun) if settings.trainer.checkpoint else None,
+        resume=state,
         **fit_options(settings),
     )
     return fitted, rows
+
+
+def _state_path(ctx: Context) -> Path:
+    return ctx.resume.path if ctx.resume else ctx.out_dir / "resume.pt"
+
+
+def _saver(ctx: Context, order: torch.Generator, mlrun: tracking.Run):
+    """What fit calls at each epoch's end: the state, written whole or not at all (a new file, synced, then
+    renamed over the old one), with the order generator and the config needed to rebuild the run."""
+    path = _state_path(ctx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mlrun.set_tags({trial.RESUME_STATE: str(path.resolve())})
+    saved_config = OmegaConf.to_container(ctx.cfg, resolve=True)
+    saved_config["data"]["root"] = _absolute(ctx.settings.data.root)
+
+    def save(snapshot: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save({**snapshot, "order": order.get_state(), "config": saved_config}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    return save
+
+
+def _log_missing_epochs(mlrun: tracking.Run, rows: list[dict]) -> None:
+    """An epoch saved in the state but killed before its metrics reached MLflow is logged now, once."""
+    logged = mlrun.logged_steps("train/loss")
+    for row in rows:
+        if row["epoch"] not in logged:
+            mlrun.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
 def fit_options(settings: config.Config) -> dict:
@@ -397,27 +523,91 @@ def _save_confusion(out: Path, test: training.Evaluation, classes) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def run_name(hc) -> str:
-    """Runs of a sweep are told apart by what was overridden: ``model.hidden=128 optimizer=sgd``."""
+def run_name(hc, swept_keys: list[str] | None = None, numbered: bool = False) -> str:
+    """What the UI lists a run as: a trial by its values of the swept keys only (``hidden=64 optimizer=sgd``,
+    ``#<trial>`` in front where values may repeat), a single run by what was overridden; short, values rounded."""
     if hc is None:
         return "run"
-    return hc.job.override_dirname or "defaults"
+    overrides = list(hc.overrides.task)
+    if swept_keys is not None:
+        return sweep.trial_name(swept_keys, overrides, int(hc.job.num), numbered)
+    exclude = set(OmegaConf.select(hc, "job.config.override_dirname.exclude_keys") or [])
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    return sweep.trial_name([k for k in keys if k not in exclude], overrides, None)
 
 
 def params(cfg: DictConfig, hc) -> dict[str, object]:
-    """The resolved config as dotted keys, plus which preset each config group came from."""
+    """The settings the run used, as dotted keys: the resolved config without what is unset (None), what the
+    run did not use (``_unused``) and where things go (``mlflow.*``, ``sweep.*``, ``trainer.progress``); plus
+    the option of each config group whose name says something the values do not (``choice.model=deep``)."""
     flat = config.flatten(OmegaConf.to_container(cfg, resolve=True))
     flat = {k: v for k, v in flat.items() if not k.startswith(("optimizer._", "mlflow.", "sweep."))}
     flat["optimizer.name"] = str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
+    unused = _unused(flat) | {"trainer.progress"}
+    flat = {k: v for k, v in flat.items() if v is not None and k not in unused}
     if hc is not None:
         for group, choice in hc.runtime.choices.items():
-            if not group.startswith(("hydra/", "schema/")) and group != "base_config":
+            if _tells_something(group, choice):
                 flat[f"choice.{group}"] = choice
     return flat
 
 
+def _unused(flat: dict[str, object]) -> set[str]:
+    """Keys of features the run did not use: a search's settings outside a search, the distortions' magnitudes
+    with augmentation off, the parts of the schedule it skips, the torchvision loader's workers."""
+    unused = set()
+    if flat.get("optuna.study") is None:
+        unused |= {k for k in flat if k.startswith("optuna.")}
+    if not flat.get("data.augment.strength"):
+        unused |= {k for k in flat if k.startswith("data.augment.") and k != "data.augment.strength"}
+    elif not flat.get("data.augment.elastic_alpha"):
+        unused.add("data.augment.elastic_sigma")
+    if not flat.get("scheduler.warmup"):
+        unused.add("scheduler.start")
+    if flat.get("scheduler.decay") == "none":
+        unused.add("scheduler.final")
+    if flat.get("data.loader") != "torchvision":
+        unused.add("data.num_workers")
+    if "optimizer.momentum" in flat and not flat["optimizer.momentum"]:
+        unused.add("optimizer.nesterov")
+    return unused
+
+
+def _tells_something(group: str, choice: str | None) -> bool:
+    """Whether ``choice.<group>`` adds information: not Hydra's own groups, not unset, not where runs are
+    logged (mlflow), not a group with one option, not one whose option is a logged value already
+    (``optimizer.name``, ``data.name``, ``device.type``)."""
+    if choice is None or group.startswith(("hydra/", "schema/")) or group in ("base_config", "mlflow"):
+        return False
+    return group not in sweep.GROUP_PARAMS and len(list((CONF_DIR / group).glob("*.yaml"))) > 1
+
+
 def _name(ctx: Context) -> str:
-    return ctx.settings.mlflow.run_name or run_name(ctx.hc)
+    if ctx.settings.mlflow.run_name:
+        return ctx.settings.mlflow.run_name
+    if ctx.trial is None:
+        return run_name(ctx.hc)
+    swept = json.loads(_parent_tags(ctx).get("sweep.swept_keys", "null") or "null")
+    if swept is None:  # no parent found: what was overridden
+        return run_name(ctx.hc)
+    name = run_name(ctx.hc, swept, numbered=ctx.settings.optuna.trial is not None)  # a search may repeat values
+    if not name.startswith("#") and tracking.sibling_named(ctx.experiment_id, ctx.trial.parent_id, name):
+        name = run_name(ctx.hc, swept, numbered=True)
+    return name
+
+
+_PARENT_TAGS: dict[str, dict[str, str]] = {}
+
+
+def _parent_tags(ctx: Context) -> dict[str, str]:
+    """The sweep's run's tags (read once per process and sweep): its swept keys, its source."""
+    parent = _parent(ctx)
+    if parent is None:
+        return {}
+    if parent not in _PARENT_TAGS:
+        _PARENT_TAGS.clear()
+        _PARENT_TAGS[parent] = tracking.run_tags(parent)
+    return _PARENT_TAGS[parent]
 
 
 def _parent(ctx: Context) -> str | None:
@@ -425,6 +615,8 @@ def _parent(ctx: Context) -> str | None:
 
 
 def _tags(ctx: Context) -> dict[str, str]:
+    """Tags beside the ones tracking.start_run adds (source, user, owner): code, versions, device, config.
+    A trial's source is its sweep's command (a worker process's own is the launcher's machinery)."""
     tags = {
         **tracking.git_state(),
         **tracking.version_tags(),
@@ -438,7 +630,59 @@ def _tags(ctx: Context) -> dict[str, str]:
         tags[trial.SWEEP_DIR] = trial.sweep_dir(ctx.hc)
         tags["trial.overrides"] = json.dumps(list(ctx.hc.overrides.task))[:5000]
         tags["torch.threads"] = str(torch.get_num_threads())
+        source = ("mlflow.source.name", "mlflow.source.type")
+        tags.update({k: v for k, v in _parent_tags(ctx).items() if k in source})
+    # The run's page shows how to get this run again: its own overrides as one plain run (a trial's included).
+    if ctx.resume is None:  # a continued run keeps the command it was first started with
+        command = _reproduce(ctx)
+        tags["command"] = command
+        tags["mlflow.note.content"] = (
+            f"Reproduce this run:\n\n    {command}\n\nIf it was interrupted, continue it: "
+            "`python train.py resume=<this run's id>` (a relaunched sweep does so by itself)."
+        )
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):  # a SLURM job (submitit_slurm)
+        if os.environ.get(name):
+            tags[name.lower().replace("_", ".", 1)] = os.environ[name]  # slurm.job_id, slurm.array_task_id...
     return tags
+
+
+def _reproduce(ctx: Context) -> str:
+    """``python train.py OVERRIDES``: this run alone (a search's bookkeeping left out, its test run kept as is)."""
+    overrides = list(ctx.hc.overrides.task) if ctx.hc is not None else []
+    kept = [o for o in overrides if not o.startswith(("optuna.", "hydra."))]
+    return " ".join(["python train.py", *(shlex.quote(o) for o in kept)])
+
+
+def _link(ctx: Context, run_id: str) -> str:
+    """The run's page in the MLflow UI (and, for a local store, how to start the UI)."""
+    m = ctx.settings.mlflow
+    base = tracking.ui_base(m.ui_url, m.tracking_uri)
+    return tracking.run_link(base, ctx.experiment_id, run_id) + tracking.serve_hint(m.ui_url, m.tracking_uri)
+
+
+def _log_dataset(ctx: Context, mlrun: tracking.Run, loaders: data.Loaders) -> None:
+    """The splits the run used, as MLflow dataset inputs: the dataset's name, where its files are, and per split a
+    digest of the files' SHA-256 (the published ones the files were checked against; computed when data.verify
+    is off) and of how the split was carved (data.val_size, data.split_seed)."""
+    d = ctx.settings.data
+    files = data.find_files(Path(_absolute(d.root)), d.name)
+    if files is None:
+        return
+    known = data.DATASETS[d.name].sha256
+    sha = {base: known[base] if d.verify else data.sha256_of(path) for base, path in files.items()}
+
+    def digest(split: str, *parts) -> str:
+        hashes = [sha[data.FILES[(split, kind)]] for kind in ("images", "labels")]
+        return hashlib.sha256(json.dumps([hashes, *parts]).encode()).hexdigest()[:8]
+
+    carved = {"val_size": d.val_size, "split_seed": d.split_seed}
+    splits = {"train": (digest("train", carved, "train"), {"num_rows": loaders.n_train})}
+    if loaders.n_val:
+        splits["validation"] = (digest("train", carved, "validation"), {"num_rows": loaders.n_val})
+    if ctx.settings.trainer.test:
+        splits["test"] = (digest("test"), {"num_rows": loaders.n_test})
+    folder = next(iter(files.values())).parent
+    tracking.log_dataset(mlrun.id, d.name, str(folder), splits)
 
 
 def _describe(m) -> str:

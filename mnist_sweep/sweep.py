@@ -29,7 +29,7 @@ import math
 import shlex
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import config as schema
-from mnist_sweep import model, plots, tracking, trial
+from mnist_sweep import model, plots, search, slurm, tracking, trial
 from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
 
 log = logging.getLogger("mnist_sweep.sweep")
@@ -74,12 +74,98 @@ def definition(config: DictConfig) -> dict[str, Any]:
         "sweeper": str(OmegaConf.select(hc, "sweeper._target_") or "?").rsplit(".", 1)[-1],
         "launcher": str(OmegaConf.select(hc, "launcher._target_") or "?").rsplit(".", 1)[-1],
         "n_trials": n_trials,
+        "objectives": search.objectives(config),  # [(metric, direction)] of a multi-objective search
     }
 
 
-def _name(overrides: list[str], exclude: list[str]) -> str:
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in exclude]
-    return "sweep " + (" ".join(kept) if kept else "(defaults)")
+# ------------------------------------------------------------------------------------------------------------
+# What the MLflow UI lists: short names, and a link to the trials side by side
+# ------------------------------------------------------------------------------------------------------------
+
+TRIAL_NAME_MAX = 40  # characters of a trial's run name: what the UI's Run Name column shows uncut
+SWEEP_NAME_MAX = 60
+# Config groups whose option is already a logged value: its column, and no `choice.<group>` param beside it.
+GROUP_PARAMS = {"optimizer": "optimizer.name", "data": "data.name", "device": "device.type"}
+
+
+def labels(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix that tells each key apart: ``model.hidden`` -> ``hidden``."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            label = ".".join(parts[-n:])
+            if not any(other != key and (other == label or other.endswith("." + label)) for other in keys):
+                break
+        out[key] = label
+    return out
+
+
+def shown(value: str) -> str:
+    """A value as a name shows it: numbers rounded to 3 significant digits (``0.0031622`` -> ``0.00316``)."""
+    text = str(value).strip().strip("'\"")
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if text.lstrip("+-").isdigit() or not math.isfinite(number):
+        return text
+    return f"{number:.0f}" if abs(number) >= 100 else f"{number:.3g}"
+
+
+def trial_name(keys: list[str], overrides: list[str], num: int | None, numbered: bool = False) -> str:
+    """A run name from the values of ``keys`` in ``overrides`` (``hidden=64 optimizer=sgd``), at most
+    TRIAL_NAME_MAX characters; a trial's number ``num`` goes in front (``#3 ...``) when ``numbered`` (values
+    that may repeat: a search) or when the name had to be cut."""
+    values = _values(overrides)
+    short = labels(keys)
+    name = " ".join(f"{short[k]}={shown(values[k])}" for k in keys if k in values) or "defaults"
+    if num is not None and (numbered or len(name) > TRIAL_NAME_MAX):
+        name = f"#{num} {name}"
+    return name if len(name) <= TRIAL_NAME_MAX else name[: TRIAL_NAME_MAX - 1] + "…"
+
+
+def _name(spec: dict[str, Any], params: dict[str, Any]) -> str:
+    """The sweep's run name, after what it sweeps: ``sweep hidden=16,32 optimizer=sgd,adam``, ``search hidden
+    depth lr`` (values left out when too long), with the ``experiment=`` preset it starts from."""
+    parsed = _parse([*spec["overrides"], *(f"{k}={v}" for k, v in params.items())])
+    swept = {}
+    preset = ""
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            discrete = o.is_discrete_sweep()
+            swept[key] = ",".join(shown(v) for v in o.sweep_string_iterator()) if discrete else None
+        elif key == "experiment":
+            preset = f" {o.value()}"
+    kind = "search" if "optuna" in spec["sweeper"].lower() else "sweep"
+    short = labels(list(swept))
+    full = " ".join(short[k] + (f"={v}" if v else "") for k, v in swept.items())
+    name = f"{kind}{preset} {full}".rstrip() if swept or preset else f"{kind} (defaults)"
+    if len(name) > SWEEP_NAME_MAX:
+        name = f"{kind}{preset} " + " ".join(short.values())
+    return name if len(name) <= SWEEP_NAME_MAX else name[: SWEEP_NAME_MAX - 1] + "…"
+
+
+def columns(swept_keys: list[str], groups: set[str]) -> list[str]:
+    """The UI's columns for a sweep's trials: each swept key's param (a config group's by its option's name),
+    then the objective."""
+    params = [GROUP_PARAMS.get(k, f"choice.{k}") if k in groups else k for k in swept_keys]
+    return [*(f"params.`{p}`" for p in params), f"metrics.`{OBJECTIVE_METRIC}`"]
+
+
+def _comparison(config: DictConfig, experiment_id: str, parent_id: str, spec: dict[str, Any], name: str) -> str:
+    """The link that opens the MLflow UI on this sweep's trials side by side (saved as a view of the experiment)."""
+    m = config.mlflow
+    base = tracking.ui_base(m.ui_url, m.tracking_uri)
+    groups = set(OmegaConf.select(config, "hydra.runtime.choices") or {})
+    wanted = columns(spec["swept_keys"], groups)
+    trials = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    try:
+        return tracking.comparison_link(base, experiment_id, parent_id, name, trials, wanted)
+    except Exception as e:  # a view the store refuses must not stop the sweep: the runs page still lists them
+        log.warning("could not save the MLflow view of this sweep: %s", str(e).splitlines()[0][:200])
+        return tracking.run_link(base, experiment_id, parent_id)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,7 +188,9 @@ class Sweep:
     spec: dict[str, Any]
     command: str
     model_format: str | None = None  # log the best trial's model in this format when the sweep ends (None: don't)
+    registered_model: str | None = None  # and register it as a version of this model (None: don't)
     summary: Summary | None = None
+    link: str = ""  # the MLflow UI on its trials, side by side (and how to start the UI)
 
 
 @dataclass
@@ -126,13 +214,13 @@ def start(config: DictConfig) -> Sweep:
     tracking.quiet()
     job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     schema.check(job_cfg)  # a bad non-swept value fails here, in one line, before the parent exists
+    slurm.prepare(OmegaConf.select(config, "hydra.launcher"))  # SLURM missing, unknown partition: before any job
     experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
     closed = tracking.close_orphans(experiment_id)
     if closed:
         log.warning("closed %d run(s) left RUNNING by a launch that was killed: %s", len(closed), ", ".join(closed))
     spec = definition(config)
     folder = sweep_dir(config.hydra)
-    exclude = list(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys") or [])
     tags = {
         ROLE: "sweep",
         SWEEP_DIR: folder,
@@ -144,8 +232,9 @@ def start(config: DictConfig) -> Sweep:
     import mlflow
 
     client = mlflow.MlflowClient()
+    name = _name(spec, OmegaConf.select(config, "hydra.sweeper.params") or {})
     run = client.create_run(
-        experiment_id, run_name=_name(spec["overrides"], exclude), tags={**tags, **tracking.owner_tags()}
+        experiment_id, run_name=name, tags={**tracking.context_tags(), **tags, **tracking.owner_tags()}
     )
     parent = tracking.Run(run.info.run_id)
     parent.log_params(
@@ -159,8 +248,10 @@ def start(config: DictConfig) -> Sweep:
         }
     )
     m = config.mlflow
-    best_model = m.model_format if m.log_model and m.sweep_models == "best" else None
-    _ACTIVE = Sweep(run.info.run_id, experiment_id, folder, spec, command, best_model)
+    best_model = m.model_format if m.log_model else None  # sweep_models=all: logged already, registered here
+    _ACTIVE = Sweep(run.info.run_id, experiment_id, folder, spec, command, best_model, m.registered_model)
+    hint = tracking.serve_hint(config.mlflow.ui_url, config.mlflow.tracking_uri)
+    _ACTIVE.link = _comparison(config, experiment_id, run.info.run_id, spec, name) + hint
     log.info(
         "sweep: %s trials (%s, %s), mlflow parent run %s",
         spec["n_trials"] if spec["n_trials"] is not None else "?",
@@ -188,6 +279,8 @@ def finish(error: BaseException | None = None) -> Summary | None:
     client = mlflow.MlflowClient()
     interrupted = isinstance(error, KeyboardInterrupt)
     rows = collect(client, sweep)
+    if sweep.spec.get("objectives"):  # a multi-objective search: each trial's objectives and the Pareto front
+        search.mark_pareto(rows, sweep.spec["objectives"], lambda run_id: client.get_run(run_id).data.metrics)
     if not rows and error is not None and not interrupted:
         # Nothing ran (e.g. a sweep value that does not compose): leave no trace, as for a single run's mistake.
         client.delete_run(sweep.parent_id)
@@ -226,29 +319,62 @@ def finish(error: BaseException | None = None) -> Summary | None:
             parent.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         print(render(rows, keys, best, sweep), flush=True)
         if best is not None and sweep.model_format and not interrupted:
-            log_best_model(client, best["run_id"], sweep.model_format)
+            keep = model_run(client, rows, best)
+            log_best_model(client, keep, sweep.model_format, sweep.registered_model, sweep.parent_id)
     finally:
         client.set_terminated(sweep.parent_id, status)
     return summary
 
 
-def log_best_model(client, run_id: str, model_format: str) -> None:
+def log_best_model(
+    client, run_id: str, model_format: str, registered_model: str | None = None, sweep_id: str | None = None
+) -> tracking.Registration | None:
     """Log the best trial's model into its run, rebuilt from its checkpoint artifact (trials of a sweep skip
-    ``log_model``: a second or two of each short trial, for models nobody loads). Done once per run."""
+    ``log_model``: a second or two of each short trial, for models nobody loads), once per run; then register it
+    as a new version of ``registered_model``, which becomes ``@champion`` when it beats the champion."""
     import tempfile
 
     import torch
 
-    if client.get_run(run_id).data.tags.get(tracking.MODEL_LOGGED) == "true":
-        return  # a resumed sweep whose best trial already has its model
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, "checkpoint/model.pt", tmp)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    classifier, example = model.classifier_from(ckpt), ckpt.get("example")
-    if example is None:  # a checkpoint from before examples were kept in it: a blank page does as an example
-        example = torch.zeros(1, 1, 28, 28)
-    uri = tracking.Run(run_id).log_model(classifier, example.numpy(), model_format)
-    log.info("best trial's model logged: %s", uri)
+    if client.get_run(run_id).data.tags.get(tracking.MODEL_LOGGED) != "true":  # else: resumed, or sweep_models=all
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "checkpoint/model.pt", tmp)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        classifier, example = model.classifier_from(ckpt), ckpt.get("example")
+        if example is None:  # a checkpoint from before examples were kept in it: a blank page does as an example
+            example = torch.zeros(1, 1, 28, 28)
+        uri = tracking.Run(run_id).log_model(classifier, example.numpy(), model_format)
+        log.info("best trial's model logged: %s", uri)
+    if not registered_model:
+        return None
+    registration = tracking.register(run_id, registered_model, {"sweep.parent_run_id": sweep_id or ""})
+    champion = tracking.champion_uri(registered_model)
+    print(f"{registration.summary()}\nuse the champion: python -m mnist_sweep.predict IMAGE...  ({champion})")
+    return registration
+
+
+TESTED = "test/acc"  # the metric of a run that took the test set
+
+
+def _recipe(overrides: list[str]) -> list[str]:
+    """A trial's overrides without a search's bookkeeping (study, trial number, whether it took the test set)."""
+    return sorted(o for o in overrides if not o.startswith(("optuna.", "trainer.test=")))
+
+
+def model_run(client, rows: list[dict[str, Any]], best: dict[str, Any]) -> str:
+    """The run whose model the sweep keeps: the best trial's, unless another finished run of the same recipe took
+    the test set while it did not - an Optuna search's re-run of its choice with ``trainer.test=true`` - so that
+    the registered model and its test score sit in the same run."""
+    recipe = _recipe(best.get("overrides", []))
+    twins = [
+        r
+        for r in rows
+        if r is not best and r["status"] == "FINISHED" and r.get("run_id") and _recipe(r.get("overrides", [])) == recipe
+    ]
+    if not twins or TESTED in client.get_run(best["run_id"]).data.metrics:
+        return best["run_id"]
+    tested = [r for r in twins if TESTED in client.get_run(r["run_id"]).data.metrics]
+    return tested[-1]["run_id"] if tested else best["run_id"]
 
 
 def release_workers() -> bool:
@@ -321,15 +447,32 @@ def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["trial", *keys, OBJECTIVE, "status", "run_id", "note"]
+    # A multi-objective search's other objectives, and whether each trial is on the Pareto front (search.py).
+    scores = [n for n in next((r["scores"] for r in rows if "scores" in r), {}) if n != OBJECTIVE_METRIC]
+    header = ["trial", *keys, OBJECTIVE, *scores, *(["pareto"] if scores else []), "status", "run_id", "note"]
     body = []
     for r in _sorted(rows):
         note = "reused: finished before" if r.get("reused") else r.get("note", "")
         objective = f"{r['objective']:.4f}" if r["objective"] is not None else ""
+        marks = [_score(r.get("scores", {}).get(n)) for n in scores] + (
+            ["yes" if r.get("pareto") else ""] * bool(scores)
+        )
         body.append(
-            [str(r["trial"]), *(str(r["values"][k]) for k in keys), objective, r["status"], r["run_id"] or "", note]
+            [
+                str(r["trial"]),
+                *(str(r["values"][k]) for k in keys),
+                objective,
+                *marks,
+                r["status"],
+                r["run_id"] or "",
+                note,
+            ]
         )
     return header, body
+
+
+def _score(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def seed_table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[str]]] | None:
@@ -387,6 +530,11 @@ def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str])
     points = [(r["values"], r["objective"]) for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
     if keys and points:
         files.append(plots.objective_vs_keys_png(points, keys, OBJECTIVE, folder / "leaderboard.png"))
+    scored = [r for r in rows if "pareto" in r]
+    if scored:  # a multi-objective search: its first two objectives, the front marked
+        names = tuple(scored[0]["scores"])[:2]
+        pairs = [(r["scores"][names[0]], r["scores"][names[1]]) for r in scored]
+        files.append(plots.pareto_png(pairs, [r["pareto"] for r in scored], names, folder / "pareto.png"))
     return files
 
 
@@ -409,6 +557,8 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
         command = "python " + " ".join(shlex.quote(a) for a in [_script(), *recipe])
         out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
     out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")
+    if sweep.link:
+        out.write(f"compare the trials in MLflow: {sweep.link}\n")
     return out.getvalue()
 
 
@@ -442,4 +592,12 @@ class SweepCallback(Callback):
         from hydra.types import RunMode
 
         if config.hydra.mode == RunMode.MULTIRUN:
-            trial.record(config, job_return)
+            trial.record(config, _first_value(job_return))
+
+
+def _first_value(job_return):
+    """A multi-objective trial returns one value per objective: the leaderboard ranks by the first (val/acc)."""
+    value = getattr(job_return, "_return_value", None)
+    if isinstance(value, (list, tuple)) and value:
+        return replace(job_return, _return_value=value[0])
+    return job_return

@@ -2,11 +2,13 @@
 
 One MLflow run per Hydra job. What it records, and why:
 
-* params  - the resolved config flattened to dotted keys (``model.hidden``) plus the chosen group options
-            (``choice.optimizer``), so the UI's compare view can put any key on an axis;
+* params  - the settings the run used, flattened to dotted keys (``model.hidden``), plus group options that say
+            more than the values (``choice.model``), so the UI's compare view can put any key on an axis;
+* inputs  - the dataset's splits as MLflow dataset inputs (name, digest, where the files are; ``log_dataset``);
 * metrics - per epoch with ``step=epoch``, sent in one ``log_batch`` per epoch (one ``log_metric`` to SQLite
             costs ~3 ms - more than a training step - so nothing is logged per step);
-* tags    - git commit and dirtiness, library versions, device, a hash of the resolved config;
+* tags    - source and user (as ``mlflow.start_run`` sets them), git commit and dirtiness, library versions,
+            device, a hash of the resolved config;
 * artifacts - the resolved config and Hydra's ``.hydra/`` folder, the per-epoch log, the confusion matrix,
             the checkpoint with its config beside it, and the model (``mlflow.pytorch.log_model``).
 
@@ -19,6 +21,7 @@ as KILLED (``close_orphans``), so none stays RUNNING for ever.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -29,9 +32,10 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from filelock import FileLock
 
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 
 MODEL_LOGGED = "model.logged"  # tag: this run holds a model logged with log_model
 REPO = Path(__file__).resolve().parent.parent  # the checkout, when run from one (git_state)
+# MLflow 3's UI opens an experiment on its GenAI overview unless told it trains models: by this experiment tag
+# (its "kind"), and - what MLflow 3.17's UI goes by - the workflowType=machine_learning parameter of our links.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 class TrackingError(UserError):
@@ -55,6 +63,8 @@ def quiet() -> None:
 
     for name in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Its "Downloading artifacts" progress bars (e.g. a checkpoint fetched when the sweep ends) are not ours.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
     warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
 
@@ -138,8 +148,10 @@ def _experiment_id(client, tracking_uri: str, experiment: str) -> str:
                         f"MLflow experiment {experiment!r} is deleted; restore it (mlflow experiments restore) "
                         "or pick another name with mlflow.experiment=NAME"
                     )
+                if EXPERIMENT_KIND not in found.tags:
+                    client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
                 return found.experiment_id
-            return client.create_experiment(experiment)
+            return client.create_experiment(experiment, tags={EXPERIMENT_KIND: MODEL_TRAINING})
         except TrackingError:
             raise
         except Exception as e:  # another process created it (or the tables) at the same moment: look again
@@ -194,6 +206,17 @@ def close_orphans(experiment_id: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
+
+
+def find_run(run_id: str):
+    """The run ``run_id`` of the current store, or None where it has no such run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
 
 
 def git_state(repo: Path = REPO) -> dict[str, str]:
@@ -256,6 +279,10 @@ class Run:
 
         self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` was logged in this run."""
+        return {m.step for m in self.client.get_metric_history(self.id, key)}
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.id, str(path), artifact_path)
 
@@ -263,19 +290,32 @@ class Run:
         self.client.log_artifacts(self.id, str(folder), artifact_path)
 
     def log_model(self, model, example, serialization: str = "pickle") -> str:
-        """Log the model so that ``mlflow.pyfunc.load_model(uri).predict(images)`` returns class scores.
+        """Log the model so that ``mlflow.pyfunc.load_model(uri).predict(images)`` returns class scores, link
+        the run's scores (``MODEL_METRICS``) to it, and return its URI (``models:/<model id>``).
 
         ``pickle`` (with this package's code copied beside it, so it loads anywhere) costs ~0.5 s the first
         time in a process; ``pt2`` (torch.export: no code needed, no pickle) ~2.2 s, mostly importing and
         tracing torch.export - a large share of a short run.
+
+        A pickled model is logged without a signature: a tensor signature names one dtype and one rank, and
+        MLflow refuses every other input (float64 against float32, [N,28,28] against [N,1,28,28]) before the
+        model sees it. ``model.Classifier`` checks its input itself, accepts images as users have them (uint8
+        0..255 or float 0..1, [N,28,28], [N,1,28,28] or [N,784]) and refuses the rest in one line. A ``pt2``
+        model is a traced graph: it takes exactly its signature, float32 [N,1,28,28] in 0..1.
         """
         import mlflow
+        import numpy as np
         import torch
         from mlflow.models import infer_signature
 
         model = model.cpu().eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
+        example = np.asarray(example, dtype=np.float32)
+        if serialization == "pickle":
+            # The input example users see (and serving_input_example.json): raw uint8 images, [N,28,28].
+            signature, example = False, (example[:2] * 255).round().astype(np.uint8).reshape(-1, 28, 28)
+        else:
+            with torch.no_grad():
+                signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
         pytorch_log = logging.getLogger("mlflow.pytorch")
         level = pytorch_log.level
         pytorch_log.setLevel(logging.ERROR)  # its pickle advice is answered by the docstring above
@@ -284,7 +324,7 @@ class Run:
                 info = mlflow.pytorch.log_model(
                     model,
                     name="model",
-                    signature=infer_signature(example, output),
+                    signature=signature,
                     input_example=example,
                     serialization_format=serialization,
                     # Given explicitly: inferring them loads the model again in a subprocess (seconds per run).
@@ -294,7 +334,149 @@ class Run:
         finally:
             pytorch_log.setLevel(level)
         self.set_tags({MODEL_LOGGED: "true"})
+        self.link_metrics(info.model_id)
         return info.model_uri
+
+    def model_id(self) -> str | None:
+        """The id of the model this run logged last (MLflow 3's LoggedModel), or None."""
+        outputs = self.client.get_run(self.id).outputs
+        models = outputs.model_outputs if outputs else []
+        return max(models, key=lambda m: m.step).model_id if models else None
+
+    def link_metrics(self, model_id: str, keys: tuple[str, ...] = ()) -> dict[str, float]:
+        """Link the run's scores to its logged model, so the experiment's Models tab and the registered
+        versions show them; returns what was linked. Each is sent again with its own timestamp and step, so the
+        run's history gains no new point."""
+        from mlflow.entities import Metric
+
+        metrics = []
+        for key in keys or MODEL_METRICS:
+            history = self.client.get_metric_history(self.id, key)
+            if history:
+                m = max(history, key=lambda m: (m.step, m.timestamp))
+                metrics.append(Metric(key, m.value, m.timestamp, m.step, model_id=model_id))
+        if metrics:
+            self.client.log_batch(self.id, metrics=metrics)
+        return {m.key: m.value for m in metrics}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Model Registry: each sweep's best model as a new version; the alias @champion on the best of them
+# ------------------------------------------------------------------------------------------------------------
+
+CHAMPION = "champion"  # the alias of the registered version with the best validation accuracy so far
+SCORE = "best_val/acc"  # what champions are compared on (a version tag, copied from the run's metric)
+MODEL_METRICS = (SCORE, "test/acc", "test/loss")  # linked to each logged model (the Models tab shows them)
+
+
+class NoModelError(UserError):
+    """No model behind a ``models:/`` URI (nothing registered yet, or a wrong name)."""
+
+
+@dataclass
+class Registration:
+    """What ``register`` did: the new (or existing) version, and where the champion alias now points."""
+
+    name: str
+    version: str
+    score: float | None
+    champion: str | None  # the champion's version now
+    previous: str | None  # the champion's version before (None: there was none)
+    previous_score: float | None
+
+    def summary(self) -> str:
+        score = f"{SCORE} {self.score:.4f}" if self.score is not None else f"no {SCORE}"
+        line = f"model registered: {self.name} version {self.version} ({score}); @{CHAMPION} "
+        if self.champion != self.version:
+            return line + f"stays version {self.champion} ({SCORE} {_fmt(self.previous_score)})"
+        if self.previous in (None, self.version):
+            return line + f"-> version {self.version}"
+        return line + f"-> version {self.version} (was version {self.previous}, {_fmt(self.previous_score)})"
+
+
+def _fmt(score: float | None) -> str:
+    return f"{score:.4f}" if score is not None else "unknown"
+
+
+def champion_uri(name: str) -> str:
+    return f"models:/{name}@{CHAMPION}"
+
+
+def _registry_lock():
+    """Between processes sharing a SQLite store: one compare-and-move of the alias at a time."""
+    import mlflow
+
+    db = sqlite_path(mlflow.get_tracking_uri())
+    return FileLock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
+
+
+def _version_score(client, version) -> float | None:
+    """A version's validation accuracy: its tag, else its run's metric, else None (registered by hand)."""
+    if SCORE in version.tags:
+        return float(version.tags[SCORE])
+    if version.run_id:
+        with contextlib.suppress(Exception):
+            value = client.get_run(version.run_id).data.metrics.get(SCORE)
+            return float(value) if value is not None else None
+    return None
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def register(run_id: str, name: str, tags: dict[str, Any] | None = None) -> Registration:
+    """Register the model the run logged as a new version of ``name`` (once: a run already registered keeps its
+    version) and move ``@champion`` to it when its ``best_val/acc`` beats the champion's.
+
+    The version carries the score as a tag; a champion without one (registered by hand) is judged by its run's
+    metric, and one whose score is unknown keeps the alias.
+    """
+    import io
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = Run(run_id)
+    model_id = run.model_id()
+    if model_id is None:
+        raise NoModelError(f"run {run_id} logged no model to register")
+    metrics = run.link_metrics(model_id)
+    score = metrics.get(SCORE)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        version = max(found, key=lambda v: int(v.version))
+    else:
+        version_tags = {**{k: f"{v:.6g}" for k, v in metrics.items()}, **(tags or {})}
+        with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" lines: ours says it all
+            version = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
+    number = str(version.version)  # MLflow returns it as an int from some calls, a str from others
+    with _registry_lock():
+        champion = _champion(client, name)
+        previous = str(champion.version) if champion is not None else None
+        previous_score = _version_score(client, champion) if champion is not None else None
+        better = champion is None or (score is not None and previous_score is not None and score > previous_score)
+        if better and previous != number:
+            client.set_registered_model_alias(name, CHAMPION, number)
+    return Registration(name, number, score, number if better else previous, previous, previous_score)
+
+
+def load_model(uri: str):
+    """``mlflow.pyfunc.load_model(uri)``; a missing registered model or alias is a one-line NoModelError."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as e:
+        raise NoModelError(f"cannot load {uri}: {str(e).splitlines()[0][:300]}") from e
 
 
 @contextmanager
@@ -303,24 +485,33 @@ def start_run(
     run_name: str,
     tags: dict[str, str],
     parent_run_id: str | None = None,
+    reopen: str | None = None,
 ):
-    """Open a run and guarantee it ends with the right status.
+    """Open a run (or ``reopen`` an interrupted one: back to RUNNING, the same run id and history) and
+    guarantee it ends with the right status.
 
-    FINISHED on success; KILLED on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by cli.py);
+    FINISHED on success; KILLED when interrupted (Ctrl-C, SIGTERM turned into one by cli.py, a preempted SLURM job);
     FAILED on any other exception, with the reason as the ``error`` tag and the traceback as ``traceback.txt``.
     """
     import mlflow
 
     client = mlflow.MlflowClient()
-    tags = {**tags, **owner_tags()}
+    tags = {**context_tags(), **tags, **owner_tags()}
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    if reopen is None:
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    else:
+        client.update_run(reopen, status="RUNNING")
+        Run(reopen).set_tags(tags)  # its new owner (this process) and, in a sweep, its new parent
+        run = client.get_run(reopen)
+        if "error" in run.data.tags:  # what ended it before is not its story any more
+            client.delete_tag(reopen, "error")
     status = "FAILED"
     try:
         yield Run(run.info.run_id)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (scancel), or submitit's exit on preemption
         status = "KILLED"
         raise
     except BaseException as e:
@@ -335,3 +526,108 @@ def start_run(
             client.set_terminated(run.info.run_id, status=status)
         except Exception as e:
             log.error("could not mark MLflow run %s %s: %s", run.info.run_id, status, e)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the UI shows beside the numbers: where a run came from, its dataset, and links that open the right view
+# ------------------------------------------------------------------------------------------------------------
+
+
+def context_tags() -> dict[str, str]:
+    """The tags ``mlflow.start_run`` sets from its context (``mlflow.source.name``, ``mlflow.source.type``,
+    ``mlflow.user``, git), for runs made with ``MlflowClient.create_run``, which sets none."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return resolve_tags()
+
+
+def log_dataset(run_id: str, name: str, source: str, splits: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Log the splits a run used as MLflow dataset inputs: ``splits`` maps each context (train, validation,
+    test) to its digest and profile (e.g. ``{"num_rows": 55000}``). Only this description is stored, never the
+    images: ``source`` says where they are."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local path is a local path
+        found = resolve_dataset_source(source)
+    inputs = [
+        DatasetInput(
+            Dataset(name, digest, found._get_source_type(), found.to_json(), profile=json.dumps(profile)),
+            tags=[InputTag("mlflow.data.context", context)],
+        )
+        for context, (digest, profile) in splits.items()
+    ]
+    mlflow_client().log_inputs(run_id, datasets=inputs)
+
+
+def mlflow_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return mlflow_client().get_run(run_id).data.tags
+
+
+def sibling_named(experiment_id: str, parent_id: str, name: str) -> bool:
+    """Whether another run of the sweep ``parent_id`` is named ``name`` already."""
+    if "'" in name:
+        return False  # not expressible in a filter; such names come from odd values, numbered anyway
+    runs = mlflow_client().search_runs(
+        [experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.run_name = '{name}'",
+        max_results=1,
+    )
+    return bool(runs)
+
+
+def ui_base(ui_url: str | None, tracking_uri: str) -> str:
+    """Where the MLflow UI is: ``mlflow.ui_url``, else the tracking server, else ``mlflow ui``'s own address."""
+    if ui_url:
+        return ui_url.rstrip("/")
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def serve_hint(ui_url: str | None, tracking_uri: str) -> str:
+    """How to start the UI our links open, for a local store (a tracking server serves its own)."""
+    if ui_url or urlparse(tracking_uri).scheme in ("http", "https"):
+        return ""
+    return f"  (start it: mlflow ui --backend-store-uri {tracking_uri})"
+
+
+def _ml_view(base: str, route: str, **params: str) -> str:
+    return f"{base}/#/{route}?" + urlencode({"workflowType": "machine_learning", **params}, quote_via=quote)
+
+
+def run_link(base: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI."""
+    return _ml_view(base, f"experiments/{experiment_id}/runs/{run_id}")
+
+
+SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag prefix of the UI's saved views (MLflow 3.17)
+
+
+def comparison_link(base: str, experiment_id: str, key: str, name: str, filter_string: str, columns: list[str]) -> str:
+    """A link that opens the experiment's runs table on the runs ``filter_string`` selects, best ``best_val/acc``
+    first, with these ``columns`` (``params.`model.hidden```, ``metrics.`best_val/acc```) shown first.
+
+    The UI reads a search filter from its URL but the visible columns only from local storage or from a saved
+    view: so the view is saved as the experiment tag ``mlflow.sharedViewState.<key>`` (in the envelope the UI's
+    own "Save view" writes; it appears under "Views" as ``name``) and the link opens it (``viewStateShareKey``).
+    """
+    state = {
+        "searchFilter": filter_string,
+        "orderByKey": "metrics.`best_val/acc`",
+        "orderByAsc": False,
+        "selectedColumns": columns,
+        "columnOrder": ["attributes.`Run Name`", *columns],
+        "columnWidths": {"attributes.`Run Name`": 200},
+    }
+    now = int(time.time() * 1000)
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    mlflow_client().set_experiment_tag(experiment_id, SHARED_VIEW + key, json.dumps(envelope))
+    return _ml_view(base, f"experiments/{experiment_id}/runs", viewStateShareKey=key)

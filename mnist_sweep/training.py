@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import platform
@@ -71,6 +72,76 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class TooLargeError(UserError):
+    """A config that cannot fit in the device's memory, refused before anything is built."""
+
+
+# Optimizer state per weight, in copies of the weights: Adam keeps two running averages, SGD one momentum.
+OPTIMIZER_COPIES = {"adam": 2, "adamw": 2, "sgd": 1}
+
+
+def memory_estimate(
+    *,
+    hidden: int,
+    depth: int,
+    members: int,
+    num_classes: int,
+    batch_size: int,
+    eval_batch_size: int,
+    optimizer: str,
+    dataset_on_device: bool,
+    n_images: int = 70000,
+    pixels: int = 28 * 28,
+) -> dict[str, int]:
+    """Bytes a run needs at its peak, by part, from its settings alone (fp32; nothing is built).
+
+    weights, their gradients and the optimizer's state; the activations kept for backward of one training batch
+    (each hidden layer keeps its linear output, its activation and a dropout or norm copy: 4 values per unit, an
+    upper bound) and of one evaluation batch; the whole dataset as float32 where the tensor loader holds it
+    (plus its uint8 copy)."""
+    widths = [pixels] + [hidden] * depth + [num_classes]
+    linear = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))  # each Linear: weights, biases
+    weights = members * (linear + 2 * hidden * depth)  # + a norm's scale and shift per hidden unit (upper bound)
+    parts = {
+        "weights": 4 * weights,
+        "gradients": 4 * weights,
+        "optimizer state": 4 * weights * OPTIMIZER_COPIES.get(optimizer, 2),
+        "activations": 4 * members * (batch_size * (pixels + 4 * hidden * depth + 3 * num_classes)),
+        "evaluation": 4 * members * eval_batch_size * (pixels + 2 * hidden + num_classes),
+        "dataset": (4 + 1) * n_images * pixels if dataset_on_device else 0,
+    }
+    return parts
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: free GPU memory, or the host's MemAvailable (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def check_fits(parts: dict[str, int], device: torch.device, available: int | None = None) -> None:
+    """Refuse, in one line with the estimate, a config whose peak memory exceeds what the device has."""
+    available = available_memory(device) if available is None else available
+    need = sum(parts.values())
+    if available is None or need <= 0.9 * available:
+        return
+    gb = 1024**3
+    biggest = ", ".join(f"{k} {v / gb:.1f} GB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
+    raise TooLargeError(
+        f"this config needs about {need / gb:.1f} GB ({biggest}) and {device} has {available / gb:.1f} GB "
+        "available; lower model.hidden, model.depth, model.members or data.batch_size"
+    )
 
 
 def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str, final: float) -> float:
@@ -248,6 +319,22 @@ class Progress:
             sys.stderr.flush()
 
 
+def snapshot(epoch: int, model, optimizer, scheduler, result: FitResult, stale: int, best_state) -> dict:
+    """Everything ``fit`` needs to go on after ``epoch`` as if it had never stopped."""
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "history": [dataclasses.asdict(e) for e in result.epochs],
+        "best_epoch": result.best_epoch,
+        "stale": stale,
+        "best_state": best_state,
+    }
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -267,6 +354,8 @@ def fit(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
     check_every: int | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
     """Train for ``epochs`` (or until val/acc stops improving for ``patience`` epochs) and return the history.
 
@@ -278,6 +367,10 @@ def fit(
 
     ``check_every``: how many steps between two looks at the loss from the host (default: every step on the
     CPU, every 50 elsewhere). Between looks, the worst loss is kept on the device, so no step goes unchecked.
+
+    ``checkpoint`` gets, at each epoch's end, everything needed to go on from there (``snapshot``); ``resume``
+    takes such a snapshot and continues after its epoch, so an interrupted run ends exactly as an uninterrupted
+    one would (same weights, optimizer and schedule state, random streams and history).
     """
     limit = max_loss if max_loss > 0 else math.inf
     total_steps = epochs * len(train_loader)
@@ -288,9 +381,19 @@ def fit(
     # on the CPU looking is free and stops a diverging run at the very step it happens.
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 50
-    result, best_state, stale = FitResult(), None, 0
+    result, best_state, stale, first = FitResult(), None, 0, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        if resume["cuda_rng"]:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        result.epochs = [EpochResult(**e) for e in resume["history"]]
+        result.best_epoch, stale, best_state = resume["best_epoch"], resume["stale"], resume["best_state"]
+        first = resume["epoch"] + 1
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         model.train()
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -347,8 +450,6 @@ def fit(
             samples_per_s=seen / train_time,
         )
         result.epochs.append(er)
-        stop = bool(on_epoch(er)) if on_epoch else False
-
         # Early stopping on the validation set (the mock exam), never on the test set.
         if result.best_epoch == 0 or not (er.val_acc <= result.val_acc):
             result.best_epoch, stale = epoch, 0
@@ -356,9 +457,13 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if patience and stale >= patience:
-                log.info("early stop: val/acc has not improved for %d epochs", patience)
-                break
+        # Saved before on_epoch reports the epoch: a run killed in between has it in the checkpoint.
+        if checkpoint is not None:
+            checkpoint(snapshot(epoch, model, optimizer, scheduler, result, stale, best_state))
+        stop = bool(on_epoch(er)) if on_epoch else False
+        if patience and stale >= patience:
+            log.info("early stop: val/acc has not improved for %d epochs", patience)
+            break
         if stop:
             break
 

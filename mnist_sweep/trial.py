@@ -31,6 +31,7 @@ SWEEP_DIR = "hydra.sweep.dir"  # absolute path: the parent and every trial carry
 TRIAL_PREFIX = "trial."  # parent tag per trial: JSON outcome
 OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation accuracy)
 OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
+RESUME_STATE = "resume.state"  # tag: the file a run saves its training state to at each epoch's end
 
 
 def finite(value: Any) -> float | None:
@@ -142,6 +143,20 @@ def previous_result(experiment_id: str, config_hash: str):
     )
     # A trial an Optuna search pruned stopped early: its objective is not the config's, so it is not reused.
     return next((r for r in runs if OBJECTIVE_METRIC in r.data.metrics and r.data.tags.get("pruned") != "true"), None)
+
+
+def interrupted(experiment_id: str, config_hash: str):
+    """The newest run of this config that was interrupted (KILLED: Ctrl-C, SIGTERM, a preempted or timed-out
+    job, or closed after its process died) and left a training state to go on from, or None."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'KILLED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    return next((r for r in runs if Path(r.data.tags.get(RESUME_STATE, "")).is_file()), None)
 
 
 def record(config: DictConfig, job_return) -> None:

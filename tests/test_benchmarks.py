@@ -309,7 +309,7 @@ def test_the_wall_time_of_a_search_is_the_length_of_the_union_of_its_trials(span
 
 def test_search_reports_the_tpe_seed_the_searches_used():
     assert search._tpe_seed(["model.hidden=choice(64,128)"]) == "0"  # the sweeper's default
-    assert search._tpe_seed(["hydra.sweeper.seed=1", "trainer.epochs=3", "hydra.sweeper.seed=7"]) == "7"
+    assert search._tpe_seed(["hydra.sweeper.seed=1", "trainer.epochs=3", "hydra.sweeper.sampler.seed=7"]) == "7"
 
 
 def test_search_reuses_the_unpruned_study_of_the_same_command_only(tmp_path):
@@ -318,7 +318,7 @@ def test_search_reuses_the_unpruned_study_of_the_same_command_only(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     earlier, here = tmp_path / "earlier", tmp_path / "here"
     earlier.mkdir(), here.mkdir()
-    common_words = "python -m benchmarks.search --trials 40 --override hydra.sweeper.seed=3"
+    common_words = "python -m benchmarks.search --trials 40 --override hydra.sweeper.sampler.seed=3"
     (earlier / "searches.json").write_text(
         json.dumps({"command": f"{common_words} --pruner median --workdir {earlier}"})
     )

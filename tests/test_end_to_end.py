@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import signal
 import socket
@@ -46,10 +47,17 @@ def test_single_run_is_tracked_completely(single_run):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "trainer.epochs=1"  # data.root / cache_dir are left out of the name
+    assert run.info.run_name == "epochs=1"  # data.root / cache_dir are left out of the name
     p = run.data.params
     assert p["model.hidden"] == "256" and p["model.depth"] == "2" and p["optimizer.lr"] == "0.003"
-    assert p["data.batch_size"] == "256" and p["choice.optimizer"] == "adam" and p["choice.model"] == "mlp"
+    assert p["data.batch_size"] == "256" and p["optimizer.name"] == "adam" and p["choice.model"] == "mlp"
+    assert "None" not in p.values() and "choice.optimizer" not in p and not any(k.startswith("optuna.") for k in p)
+    # The data as MLflow dataset inputs, described by the published checksums the files were checked against.
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["test", "train", "validation"] and {d.name for d in inputs.values()} == {"mnist"}
+    assert [json.loads(inputs[k].profile)["num_rows"] for k in ("train", "validation", "test")] == [55000, 5000, 10000]
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time_s", "train/samples_per_s"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1], key
@@ -58,6 +66,8 @@ def test_single_run_is_tracked_completely(single_run):
     t = run.data.tags
     assert len(t["config_hash"]) == 16 and t["device"] == "cpu" and t["version.torch"]
     assert "git.commit" in t and t["git.dirty"] in ("true", "false")
+    assert t["mlflow.source.name"].endswith("train.py") and t["mlflow.source.type"] == "LOCAL" and t["mlflow.user"]
+    assert "see it in MLflow: http://127.0.0.1:5000/#/experiments/" in proc.stdout
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
         "config.yaml",

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import REPO, make_dataset, train_py
-from mnist_sweep import config
+from mnist_sweep import config, sweep
 
 CONF = REPO / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -147,7 +147,7 @@ def test_plain_preset_runs_one_tiny_epoch_as_it_is_set(name, plain_sweep, synthe
         if _task_settings(default).get(k) != v and k not in tiny and not k.rsplit(".", 1)[-1].startswith("_")
     }
     own |= {
-        f"choice.{group}": pick
+        sweep.GROUP_PARAMS.get(group, f"choice.{group}"): pick
         for group, pick in preset.hydra.runtime.choices.items()
         if "/" not in group and group != "experiment" and default.hydra.runtime.choices.get(group) != pick
     }
@@ -166,7 +166,8 @@ def test_grid_preset_runs_its_smallest_axis(name, tmp_path, synthetic):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, trials = _runs(tmp_path)
     assert all(t.info.status == "FINISHED" for t in trials)
-    swept = sorted(yaml.safe_load(t.data.params.get(kept, t.data.params.get(f"choice.{kept}"))) for t in trials)
+    param = kept if kept not in sweep.GROUP_PARAMS else sweep.GROUP_PARAMS[kept]  # a group: its option's name
+    swept = sorted(yaml.safe_load(t.data.params.get(param, t.data.params.get(f"choice.{kept}"))) for t in trials)
     assert swept == sorted(yaml.safe_load(v) for v in grid[kept]), (kept, swept)
 
 
@@ -175,13 +176,14 @@ def test_search_preset_runs_two_trials_and_writes_a_preset_that_composes(name, t
     sweeper = KINDS[name][1]
     params = sweeper.get("params") or {}
     extra = tmp_path / "written"  # the best config goes to extra/experiment/, not into conf/experiment/
+    writes = sweeper.get("best_preset") is not None  # a Pareto search has a front, not one config to write
+    preset = [f"hydra.sweeper.preset_dir={extra / 'experiment'}", "hydra.sweeper.best_preset=found"] if writes else []
     proc = train_py(
         "-m",
         f"experiment={name}",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        f"hydra.sweeper.preset_dir={extra / 'experiment'}",
-        "hydra.sweeper.best_preset=found",
+        *preset,
         *_overrides({**TINY, **synthetic}, params),
         cwd=tmp_path,
     )
@@ -192,6 +194,9 @@ def test_search_preset_runs_two_trials_and_writes_a_preset_that_composes(name, t
     assert len(searched) == 2 and len(tested) == int(sweeper.test_best), [t.info.run_name for t in trials]
     assert all(t.info.status == "FINISHED" for t in trials)
     assert (tmp_path / "optuna.db").exists()
+    if not writes:
+        assert not extra.exists()
+        return
     written = extra / "experiment" / "found.yaml"
     assert written.exists(), proc.stderr[-3000:]
     config.register()

@@ -1,12 +1,15 @@
-"""The Optuna sweeper (mnist_sweep/search.py): search space, pruning, resume, and the best-config preset.
+"""The Optuna sweeper (hydra_plugins/mnist_sweep_optuna) with this project's additions (mnist_sweep/search.py):
+search space, pruning, resume, the best-config preset, several objectives, and the fixed bugs.
 
-Most checks drive a stand-in task (tests/search_app: no data, a known optimum at x = 0.3) through
-`-m hydra/sweeper=...`, so they test the sweeper itself in seconds.
+Most checks drive a stand-in task (tests/search_app: no data, a known optimum at x = 0.3) with this project's
+conf/hydra/sweeper/optuna.yaml, so they test the sweeper itself in seconds. Upstream's own suite runs in
+test_optuna_peer.py.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +18,25 @@ import optuna
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import REPO
-from mnist_sweep import config, search
+from hydra_plugins.mnist_sweep_optuna import _impl
+from mnist_sweep import config, plots, search, sweep
 
-APP = Path(__file__).parent / "search_app" / "app.py"
+APP = Path(__file__).parent / "search_app"
+D = optuna.distributions
+
+
+def _app(tmp_path) -> Path:
+    """The stand-in app beside this project's conf/hydra/sweeper/optuna.yaml, as train.py is beside conf/."""
+    app = tmp_path / "app"
+    if not app.exists():
+        (app / "hydra" / "sweeper").mkdir(parents=True)
+        for name in ("app.py", "config.yaml"):
+            shutil.copy(APP / name, app / name)
+        shutil.copy(REPO / "conf" / "hydra" / "sweeper" / "optuna.yaml", app / "hydra" / "sweeper" / "optuna.yaml")
+    return app / "app.py"
 
 
 def _search(tmp_path, *overrides, name="run"):
@@ -33,7 +50,11 @@ def _search(tmp_path, *overrides, name="run"):
     late = None
     try:
         proc = subprocess.run(
-            [sys.executable, str(APP), "-m", *overrides], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, str(_app(tmp_path)), "-m", *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     except subprocess.TimeoutExpired as e:
         late = e
@@ -44,30 +65,86 @@ def _search(tmp_path, *overrides, name="run"):
     return proc, lines
 
 
-def _study(tmp_path):
-    return optuna.load_study(study_name="stand-in", storage=f"sqlite:///{tmp_path}/optuna.db")
+def _study(tmp_path, name="stand-in"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
 
 
-def test_parse_space_maps_hydra_sweeps_to_optuna_distributions():
-    fixed, space = search.parse_space(
+def _compose(conf_dir: Path, *overrides):
+    config.register()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_sweep_expressions_become_optuna_distributions():
+    dims, fixed, deleted = _impl.create_params_from_overrides(
         [
             "model.hidden=choice(128,256)",
             "optimizer=adam,sgd",
             "model.depth=range(1,4)",
+            "model.dropout=range(0,0.5,step=0.125)",
             "optimizer.lr=tag(log,interval(1e-4,1e-2))",
-            "model.dropout=interval(0.0,0.5)",
+            "model.input_dropout=interval(0.0,0.5)",
             "data.batch_size=int(interval(64,512))",
             "trainer.epochs=3",
-        ]
+            "~note",
+        ],
+        range_includes_stop=False,  # this project's conf/hydra/sweeper/optuna.yaml
     )
-    assert fixed == ["trainer.epochs=3"]
-    D = optuna.distributions
-    assert space["model.hidden"] == D.CategoricalDistribution([128, 256])
-    assert space["optimizer"] == D.CategoricalDistribution(["adam", "sgd"])
-    assert space["model.depth"] == D.CategoricalDistribution([1, 2, 3])
-    assert space["optimizer.lr"] == D.FloatDistribution(1e-4, 1e-2, log=True)
-    assert space["model.dropout"] == D.FloatDistribution(0.0, 0.5)
-    assert space["data.batch_size"] == D.IntDistribution(64, 512)
+    assert fixed == {"trainer.epochs": "3"} and deleted == ["~note"]
+    assert dims["model.hidden"] == D.CategoricalDistribution([128, 256])
+    assert dims["optimizer"] == D.CategoricalDistribution(["adam", "sgd"])
+    assert dims["model.depth"] == D.IntDistribution(1, 3)  # range(1,4) is 1, 2, 3, as in Hydra's basic sweeper
+    assert dims["model.dropout"] == D.FloatDistribution(0.0, 0.375, step=0.125)
+    assert dims["optimizer.lr"] == D.FloatDistribution(1e-4, 1e-2, log=True)
+    assert dims["model.input_dropout"] == D.FloatDistribution(0.0, 0.5)
+    assert dims["data.batch_size"] == D.IntDistribution(64, 512)
+    # hydra-optuna-sweeper's range includes its stop value, and so does any other app's by default
+    dims, _, _ = _impl.create_params_from_overrides(["a=range(1,4)", "b=range(0,1,step=0.25)", "c=range(1,6,step=2)"])
+    assert dims["a"] == D.IntDistribution(1, 4) and dims["b"] == D.FloatDistribution(0, 1, step=0.25)
+    assert dims["c"] == D.IntDistribution(1, 5, step=2)
+    with pytest.raises(_impl.SearchError, match="is empty"):
+        _impl.create_params_from_overrides(["a=range(4,1)"])
+
+
+def test_a_command_line_value_beats_the_preset_dimension_of_the_same_key():
+    """`python train.py -m experiment=search model.depth=1` searches everything but depth."""
+    cfg = _compose(REPO / "conf", "experiment=search")
+    params = cfg.hydra.sweeper.params
+    assert params["model.depth"] == "range(1,4)"
+    sweeper = _impl.OptunaSweeperImpl(sampler=None, params=params, range_includes_stop=False)
+    space = sweeper._space(["model.depth=1", "model.hidden=choice(64,128)", "trainer.epochs=3"])
+    assert "model.depth" not in space.dimensions and space.fixed["model.depth"] == "1"
+    assert space.dimensions["model.hidden"] == D.CategoricalDistribution([64, 128])  # the command line's space
+    assert "optimizer.lr" in space.dimensions  # the rest of the preset's space is searched
+    assert {"model.depth=1", "trainer.epochs=3"} <= set(space.overrides())
+
+
+def test_a_fixed_value_on_the_command_line_reaches_every_trial(tmp_path):
+    proc, lines = _search(
+        tmp_path,
+        "+hydra.sweeper.params.x='interval(0.0,1.0)'",
+        "x=0.25",
+        "note=choice(a,b)",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.test_best=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines and all(" x=0.25 " in line for line in lines)
+    assert all("x" not in t.params for t in _study(tmp_path).trials)
+
+
+def test_this_project_turns_the_additions_on_and_other_apps_get_upstream_defaults(tmp_path):
+    ours = _compose(REPO / "conf", "hydra/sweeper=optuna").hydra.sweeper
+    assert ours.direction == "maximize" and ours.pruner == "median" and ours.resume and ours.test_best
+    assert ours.best_preset == "found" and ours.storage == "sqlite:///mlruns/optuna.db"
+    assert ours.sampler._target_ == "optuna.samplers.TPESampler" and ours.sampler.seed == 0
+    assert ours.range_includes_stop is False
+    (tmp_path / "config.yaml").write_text("defaults:\n  - override hydra/sweeper: optuna\nx: 1\n")
+    other = _compose(tmp_path).hydra.sweeper
+    assert other.direction.name == "minimize" and other.pruner == "none" and not other.resume
+    assert other.best_preset is None and other.test_best is False and other.storage is None
+    assert other.n_jobs == 2 and other.sampler.seed is None and other.range_includes_stop is True
+    assert other.sampler._target_ == "optuna.samplers.TPESampler"
 
 
 def test_search_finds_the_optimum_prunes_and_tests_only_the_best(tmp_path):
@@ -198,6 +275,60 @@ def test_search_without_a_validation_split_is_refused_before_any_trial(tmp_path)
     assert lines  # with a validation split the same search runs
 
 
+def test_storage_null_is_an_in_memory_study_that_trials_in_this_process_prune_through(tmp_path):
+    proc, lines = _search(
+        tmp_path,
+        "x=interval(0.0,1.0)",
+        "hydra.sweeper.storage=null",
+        "hydra.sweeper.n_trials=12",
+        "hydra.sweeper.startup_trials=3",
+        "hydra.sweeper.test_best=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SQLAlchemy" not in proc.stderr and not list(tmp_path.rglob("*.db"))  # no database, no file "None"
+    assert not [p for p in tmp_path.rglob("None*")]
+    assert len(lines) < 12 * 4  # pruned, through the study in the launching process's memory
+    results = OmegaConf.load(tmp_path / "run" / "optimization_results.yaml")
+    assert results.name == "optuna" and abs(results.best_params.x - 0.3) < 0.3
+
+
+def test_a_deleted_key_does_not_stop_the_best_preset(tmp_path):
+    presets = tmp_path / "presets"
+    proc, lines = _search(
+        tmp_path,
+        "x=interval(0.0,1.0)",
+        "~note",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.preset_dir={presets}",
+        "hydra.sweeper.best_preset=found_test",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (presets / "found_test.yaml").read_text()
+    assert yaml.safe_load(text) == {"x": _study(tmp_path).best_params["x"]}
+    assert "experiment=found_test ~note" in text  # the rerun command keeps the deletion a preset cannot hold
+    assert [line for line in lines if "test=True" in line]  # and the best config was tested
+
+
+def test_when_every_trial_fails_the_task_s_own_error_is_shown_and_max_failure_rate_holds(tmp_path):
+    proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "fail=true")  # 6 trials, max_failure_rate 0.5
+    assert proc.returncode != 0
+    assert "RuntimeError: stand-in failure" in proc.stderr
+    assert "No trials are completed" not in proc.stderr + proc.stdout
+    assert len(lines) == 4  # stopped at the 4th failure: more than half of the 6 trials
+    proc, more = _search(
+        tmp_path,
+        "x=interval(0.0,1.0)",
+        "fail=true",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.study_name=stand-in-2",
+        name="tolerant",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # failures were allowed: all 6 ran, none is raised
+    assert len(more) - len(lines) == 6
+    assert "no trial of study 'stand-in-2' completed (6 failed" in proc.stdout
+    assert "RuntimeError: stand-in failure" in proc.stdout and "No trials are completed" not in proc.stderr
+
+
 def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
     text = search.preset_yaml(
         {"optimizer": "sgd", "optimizer.lr": 0.02, "model.hidden": 512, "trainer.epochs": 3, "seed": 7},
@@ -284,3 +415,84 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
     assert "pruned at epoch" in board  # the leaderboard says why a trial stopped early
     rerun = board.split("rerun it with:", 1)[1].splitlines()[1]
     assert "optuna." not in rerun and "trainer.test" not in rerun
+
+
+def test_the_pareto_front_of_two_objectives_is_marked_and_drawn(tmp_path):
+    acc_weights = [(0.90, 100.0), (0.95, 200.0), (0.85, 150.0), (0.95, 200.0), (0.97, 5000.0)]
+    front = search.pareto_front(acc_weights, ["maximize", "minimize"])
+    assert front == [True, True, False, True, True]
+    metrics = {f"r{i}": {"best_val/acc": a, "weights": w} for i, (a, w) in enumerate(acc_weights)}
+    rows = [
+        {"trial": i, "values": {}, "objective": a, "status": "FINISHED", "run_id": f"r{i}", "note": ""}
+        for i, (a, _) in enumerate(acc_weights)
+    ]
+    rows.append({"trial": 5, "values": {}, "objective": None, "status": "FAILED", "run_id": None, "note": "x"})
+    objectives = [("best_val/acc", "maximize"), ("weights", "minimize")]
+    search.mark_pareto(rows, objectives, metrics.__getitem__)
+    header, body = sweep.table(rows, [])
+    assert header[1:4] == ["val/acc", "weights", "pareto"]
+    assert {row[0]: row[3] for row in body} == {"0": "yes", "1": "yes", "2": "", "3": "yes", "4": "yes", "5": ""}
+    files = sweep.write_leaderboard(tmp_path, rows, [])
+    assert tmp_path / "pareto.png" in files and (tmp_path / "pareto.png").stat().st_size > 1000
+    assert "| pareto |" in (tmp_path / "leaderboard.md").read_text()
+    plain = [{k: v for k, v in r.items() if k not in ("scores", "pareto")} for r in rows]
+    assert "pareto" not in sweep.table(plain, [])[0]  # a one-objective sweep: no such columns
+    assert plots.pareto_png([], [], ("a", "b"), tmp_path / "empty.png").exists()
+
+
+def test_the_pareto_preset_maximises_accuracy_and_minimises_weights():
+    cfg = _compose(REPO / "conf", "experiment=search_pareto")
+    assert list(cfg.optuna.objectives) == ["best_val/acc", "weights"]
+    assert search.objectives(cfg) == [("best_val/acc", "maximize"), ("weights", "minimize")]
+    assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.NSGAIISampler"
+    assert cfg.hydra.sweeper.pruner == "none" and not cfg.hydra.sweeper.test_best
+    assert search.objectives(_compose(REPO / "conf", "experiment=search")) == []
+    assert search.objective_values({"best_val/acc": 0.9, "weights": 5, "x": 1}, ["best_val/acc", "weights"]) == (0.9, 5)
+    with pytest.raises(search.SearchError, match="weights not among"):
+        search.objective_values({"best_val/acc": 0.9}, ["best_val/acc", "weights"])
+
+
+def test_several_objectives_refuse_pruning_and_a_single_best(tmp_path):
+    proc, lines = _search(tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.direction=[maximize,minimize]")
+    assert proc.returncode != 0 and "cannot prune a study of 2 objectives" in proc.stderr and not lines
+    proc, lines = _search(
+        tmp_path, "x=interval(0.0,1.0)", "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.pruner=none"
+    )
+    assert proc.returncode != 0 and "hydra.sweeper.best_preset=null hydra.sweeper.test_best=false" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_pareto_search_through_train_py(tmp_path, mnist_root, cache_dir):
+    """experiment=search_pareto, tiny: trials return (val/acc, weights), the leaderboard and its plot mark the front."""
+    from mlflow import MlflowClient
+
+    from conftest import train_py
+
+    proc = train_py(
+        "-m",
+        "experiment=search_pareto",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler.population_size=2",
+        "model.hidden=choice(16,32,64)",  # the command line's space replaces the preset's for these keys
+        "model.depth=1",
+        "trainer.epochs=1",
+        "mlflow.log_model=false",
+        f"data.root={mnist_root}",
+        f"data.cache_dir={cache_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("mnist-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert 1 <= len(children) <= 4 and all("weights" in r.data.metrics for r in children)
+    assert {"leaderboard.md", "pareto.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    study = optuna.load_study(study_name="mnist-sweep-pareto", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert len(study.trials) == 4 and all(len(t.values) == 2 for t in study.trials)
+    assert all(t.params["model.hidden"] in (16, 32, 64) and "model.depth" not in t.params for t in study.trials)
+    board = proc.stdout + proc.stderr
+    assert "| pareto |" in board and "| yes |" in board
+    results = OmegaConf.load(next(tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")))
+    assert results.solutions and all(len(s["values"]) == 2 for s in results.solutions)

@@ -1,16 +1,7 @@
-"""Hydra finds sweepers only in the ``hydra_plugins`` namespace: this registers mnist-sweep's Optuna sweeper.
+"""An Optuna sweeper for Hydra: a drop-in for hydra-optuna-sweeper on current Optuna, plus pruning, resume and
+the best config written as a preset. Select it with ``hydra/sweeper=optuna``.
 
-The logic lives in ``mnist_sweep/search.py``; select it with ``hydra/sweeper=optuna`` (conf/hydra/sweeper/).
+Hydra's plugin layout: ``config.py`` (the settings and the sampler group), ``_impl.py`` (the search),
+``optuna_sweeper.py`` (the class Hydra instantiates). The trials' side of pruning, and what a preset of this app
+holds, are in ``mnist_sweep/search.py``, which the sweeper imports only when an app switches those on.
 """
-
-from hydra.core.config_store import ConfigStore
-from hydra.plugins.sweeper import Sweeper
-
-from mnist_sweep.search import OptunaSweeperConf, OptunaSweeperImpl
-
-
-class OptunaSweeper(OptunaSweeperImpl, Sweeper):
-    """Optuna TPE search with per-epoch pruning and resumable studies (see mnist_sweep/search.py)."""
-
-
-ConfigStore.instance().store(group="hydra/sweeper", name="mnist_optuna", node=OptunaSweeperConf, provider="mnist_sweep")

@@ -1,7 +1,8 @@
 """A stand-in task for testing the Optuna sweeper quickly: no data, a known optimum at x = 0.3.
 
 Each "epoch" reports a value that grows towards 1 - (x - 0.3)^2, and appends a line to trials.log, so the
-tests can count the epochs every trial actually ran (pruning must cut them short).
+tests can count the epochs every trial actually ran (pruning must cut them short). It prunes the way run.py does:
+one ``search.reporter`` per run, one ``report`` per epoch.
 """
 
 import os
@@ -20,6 +21,8 @@ def main(cfg) -> float:
         value = final * epoch / cfg.trainer.epochs
         with open(os.path.join(os.environ["SWEEP_LOG"]), "a") as f:
             f.write(f"trial={cfg.optuna.trial} x={cfg.x} epoch={epoch} test={cfg.trainer.test}\n")
+        if cfg.fail:
+            raise RuntimeError(f"stand-in failure at x={cfg.x}")
         if reporter and reporter.report(epoch, value):
             break
     return value
