@@ -13,6 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import socket
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -212,6 +216,10 @@ class OptunaSweeperImpl(Sweeper):
         self.job_idx = 0
         self._storage_url: str | None = None
         self._custom = None
+        self._owner = _owner()  # this launcher, as its trials record it
+        self._waiting_since: float | None = None
+        self._reseeded = False
+        self._baseline = 0  # trials a launch without resume found: they do not count
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -300,8 +308,10 @@ class OptunaSweeperImpl(Sweeper):
         done = 0
         if self.resume:
             self._rerun_interrupted(study)
-            done = sum(1 for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted"))
+            done = sum(1 for t in _counting(study.get_trials(deepcopy=False)) if t.state.is_finished())
         to_run = max(0, planned - done)
+        # Without resume, n_trials are this launch's own: what the study held before does not count.
+        self._baseline = 0 if self.resume else _tally(study, self._owner)[0]
         where = self._storage_url or ("memory" if self.storage is None else type(self.storage).__name__)
         log.info(
             "study %r in %s: %s sampler, %s; %d trials done, %d to run (%s)",
@@ -314,17 +324,57 @@ class OptunaSweeperImpl(Sweeper):
             ", ".join(f"{k} ~ {_describe(d)}" for k, d in space.dimensions.items()) or "no dimensions",
         )
         failed: list[tuple[JobReturn, BaseException]] = []
-        while to_run > 0:
-            trials = [self._ask(study, space) for _ in range(min(self.n_jobs, to_run))]
-            batch = [space.overrides() + self._chosen(t) + self._bookkeeping(study, t) for t in trials]
-            returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                self._tell(study, trial, ret, len(directions), failed, app)
-            to_run -= len(trials)
-            if len(failed) > self.max_failure_rate * max(planned - done, 1):
-                self._give_up(failed, planned - done)
+        ran = 0
+        beat = _Heartbeat(study)
+        try:
+            while True:
+                if self.resume:
+                    self._rerun_interrupted(study)
+                counted, waiting, others = _tally(study, self._owner)
+                counted -= self._baseline
+                if counted >= planned and not waiting:
+                    if not others or not self.resume:
+                        break
+                    if not self._wait_for_others(study, others):
+                        break
+                    continue
+                trials = []
+                for _ in range(self.n_jobs):
+                    trial = self._ask(study, space, planned)
+                    if trial is None:
+                        break
+                    trials.append(trial)
+                    beat.add(trial)
+                if not trials:
+                    continue
+                batch = [space.overrides() + self._chosen(t) + self._bookkeeping(study, t) for t in trials]
+                returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+                self.job_idx += len(returns)
+                for trial, ret in zip(trials, returns, strict=True):
+                    self._tell(study, trial, ret, len(directions), failed, app)
+                    beat.remove(trial)
+                ran += len(trials)
+                if len(failed) > self.max_failure_rate * max(to_run, ran, 1):
+                    self._give_up(failed, max(to_run, ran))
+        finally:
+            beat.stop()
         self._conclude(study, directions, space, failed, app)
+
+    def _wait_for_others(self, study, others: list[int]) -> bool:
+        """Trials of other launchers still run: wait for them (the best is the study's, once all are told), while
+        their launchers live; False when WAIT_FOR_OTHERS_S passed (the best so far is reported, and said so)."""
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+            log.info("trials %s run in other launchers: waiting for them before naming the best", others)
+        if time.monotonic() - self._waiting_since > WAIT_FOR_OTHERS_S:
+            log.warning(
+                "trials %s of other launchers still run after %d s: the best below is the best so far",
+                others,
+                WAIT_FOR_OTHERS_S,
+            )
+            return False
+        time.sleep(POLL_S)
+        return True
 
     def _open_study(self, directions: list[str], space: Space, app) -> tuple[Any, int]:
         """Create the study (or load it: a study of the same name in the storage is continued)."""
@@ -333,6 +383,7 @@ class OptunaSweeperImpl(Sweeper):
         storage = self.storage
         if isinstance(storage, str):
             storage = self._storage_url = _absolute_sqlite(storage)
+            storage = _open_storage(storage, self._requeue)
         sampler, planned = self.sampler, self.n_trials
         if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
             grid = {}
@@ -349,8 +400,26 @@ class OptunaSweeperImpl(Sweeper):
             app.IN_MEMORY[study.study_name] = study._storage  # trials in this process prune through it
         return study, planned
 
-    def _ask(self, study, space: Space):
-        trial = study.ask(dict(space.dimensions))
+    def _ask(self, study, space: Space, planned: int):
+        """A new trial (a re-queued one first), or None when the study already has ``planned`` trials: another
+        launcher may have asked between our count and our ask, so the count is taken again below this trial's
+        number, and a trial over the budget is told FAIL as ``surplus`` (counted nowhere, never run)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Heartbeat of storage is supposed to be used with Study.optimize"
+            trial = study.ask()
+        study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR, self._owner)  # before anything slow
+        if self._surplus(study, trial, planned):
+            return None
+        if not self._reseeded and any(
+            t.user_attrs.get(OWNER_ATTR, self._owner) != self._owner and _owner_alive(t.user_attrs[OWNER_ATTR])
+            for t in study.get_trials(deepcopy=False)
+        ):  # another launcher runs this study: with the same seed it would ask for the same configs as this one
+            study.sampler.reseed_rng()
+            self._reseeded = True
+        for name, dist in space.dimensions.items():
+            trial._suggest(name, dist)
+        if self._surplus(study, trial, planned):  # again: a trial asked just before ours may have committed late
+            return None
         for key, value in space.fixed.items():
             trial.set_user_attr(key, value)  # what custom_search_space must not suggest again
         if self._custom is not None:
@@ -360,6 +429,16 @@ class OptunaSweeperImpl(Sweeper):
                 study.tell(trial, state=_state("FAIL"))
                 raise SearchError(f"custom_search_space suggested {clash}, which have fixed values on the command line")
         return trial
+
+    def _surplus(self, study, trial, planned: int) -> bool:
+        """Whether the trials asked before this one (by any launcher) already make ``planned``: then it is told
+        FAIL as surplus, which counts nowhere."""
+        before = [t for t in _counting(study.get_trials(deepcopy=False)) if t._trial_id < trial._trial_id]
+        if len(before) - self._baseline < planned:
+            return False
+        study._storage.set_trial_user_attr(trial._trial_id, SURPLUS_ATTR, True)
+        study.tell(trial, state=_state("FAIL"))
+        return True
 
     @staticmethod
     def _chosen(trial) -> list[str]:
@@ -383,6 +462,14 @@ class OptunaSweeperImpl(Sweeper):
         return out
 
     def _tell(self, study, trial, ret: JobReturn, n_values: int, failed: list, app) -> None:
+        import optuna
+
+        try:
+            self._tell_once(study, trial, ret, n_values, failed, app)
+        except optuna.exceptions.UpdateFinishedTrialError:  # judged stale (no heartbeat for GRACE_S) and rerun
+            log.warning("trial #%d was failed as interrupted by another launcher: its rerun counts", trial.number)
+
+    def _tell_once(self, study, trial, ret: JobReturn, n_values: int, failed: list, app) -> None:
         import optuna
 
         error: BaseException | None = None
@@ -444,7 +531,16 @@ class OptunaSweeperImpl(Sweeper):
         folder.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(results), folder / "optimization_results.yaml")
         if len(directions) == 1 and app is not None:
-            self._best_config(study.best_trial, space, study.study_name, app)
+            best = study.best_trial
+            owner = best.user_attrs.get(OWNER_ATTR)
+            # Several launchers share the study: the one that ran the best trial writes and tests its config (the
+            # others do where it is gone without having done so, as in a relaunch).
+            if owner is None or owner == self._owner or not _owner_alive(owner):
+                if study.user_attrs.get(CONCLUDED_ATTR) != best.number or owner == self._owner:
+                    self._best_config(best, space, study.study_name, app)
+                    study.set_user_attr(CONCLUDED_ATTR, best.number)
+            else:
+                log.info("best trial #%d ran in launcher %s, which writes and tests its config", best.number, owner)
 
     def _best_config(self, best, space: Space, study_name: str, app) -> None:
         """The best config as a preset of the app's conf/experiment/ and, with test_best, tested once."""
@@ -469,12 +565,176 @@ class OptunaSweeperImpl(Sweeper):
             log.info("%s", summary)
 
     def _rerun_interrupted(self, study) -> None:
-        """Trials a killed launch left RUNNING are failed and queued again with the same parameters."""
-        for t in study.get_trials(deepcopy=False, states=(_state("RUNNING"),)):
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # failed by no fault of its own
-            study._storage.set_trial_state_values(t._trial_id, _state("FAIL"))
-            study.enqueue_trial(t.params)
-            log.info("trial #%d was interrupted: queued again", t.number)
+        """Trials left RUNNING by a launcher that is gone are failed (``interrupted``) and queued again with the same
+        parameters. Another launcher's trials are left alone while it lives: one on this host is checked by its
+        process, one on another host by its heartbeat (RDB storage: ``fail_stale_trials``, which calls
+        ``_requeue``). A trial without an owner is an orphan only if it still has none a moment later (an owner
+        records itself right after asking)."""
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(_state("RUNNING"),))
+        ownerless = [t._trial_id for t in running if OWNER_ATTR not in t.user_attrs]
+        if ownerless:
+            time.sleep(ORPHAN_WAIT_S)
+            running = study.get_trials(deepcopy=False, states=(_state("RUNNING"),))
+        for t in running:
+            owner = t.user_attrs.get(OWNER_ATTR)
+            if owner is None and t._trial_id not in ownerless:
+                continue  # asked after our first look
+            if owner is not None and (owner == self._owner or _owner_alive(owner)):
+                continue
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)  # not its own fault
+                if not study._storage.set_trial_state_values(t._trial_id, _state("FAIL")):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # told meanwhile, by its owner or by another launcher that found it first
+            self._requeue(study, t)
+
+    def _requeue(self, study, trial) -> None:
+        study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number}, skip_if_exists=False)
+        log.info("trial #%d was interrupted (its launcher is gone): queued again", trial.number)
+
+
+# Who runs a trial: "host:pid:process start time" (a user attribute written right after the ask).
+OWNER_ATTR = "launcher"
+INTERRUPTED_ATTR = "interrupted"  # a trial whose launcher died: failed by no fault of its own, run again
+RETRY_ATTR = "retry_of"  # the number of the interrupted trial a queued trial reruns
+CONCLUDED_ATTR = "best_concluded"  # study attribute: the best trial whose config was written and tested
+SURPLUS_ATTR = "surplus"  # asked when the study already had n_trials: never run, counted nowhere
+HEARTBEAT_S = 20  # RDB storage: a launcher records a heartbeat for each of its running trials this often
+GRACE_S = 120  # a trial of another host whose heartbeat is older than this has lost its launcher
+ORPHAN_WAIT_S = 3.0  # how long a RUNNING trial without an owner is watched before it counts as an orphan
+POLL_S = 2.0  # how often a launcher that has run its share looks at the trials of others
+WAIT_FOR_OTHERS_S = 24 * 3600  # and for how long at most
+
+
+def _owner() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_started(pid)}"
+
+
+def _process_started(pid: int) -> str:
+    """When a process started (clock ticks since boot, Linux), so that a reused pid is not mistaken for it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the launcher ``host:pid:started`` still runs; another host's is assumed to (its heartbeat tells)."""
+    host, _, rest = str(owner).partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True  # not ours to judge
+    return not started or _process_started(int(pid)) in ("", started)
+
+
+def _counting(trials) -> list:
+    """The trials that use up the n_trials: finished, running or queued; not surplus, nor interrupted (failed
+    because its launcher died, or found stale by its heartbeat: then a queued trial reruns it)."""
+    retried = {t.user_attrs[RETRY_ATTR] for t in trials if RETRY_ATTR in t.user_attrs}
+    fail = _state("FAIL")
+    return [
+        t
+        for t in trials
+        if not t.user_attrs.get(SURPLUS_ATTR)
+        and not (t.state == fail and (t.user_attrs.get(INTERRUPTED_ATTR) or t.number in retried))
+    ]
+
+
+def _tally(study, me: str) -> tuple[int, int, list[int]]:
+    """(trials that count, trials queued, numbers of trials other launchers are running)."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(1 for t in trials if t.state == _state("WAITING"))
+    others = [t.number for t in trials if t.state == _state("RUNNING") and t.user_attrs.get(OWNER_ATTR, me) != me]
+    return len(_counting(trials)), waiting, others
+
+
+class _Heartbeat:
+    """Records a heartbeat for each trial this launcher runs, every HEARTBEAT_S, where the storage keeps them."""
+
+    def __init__(self, study):
+        from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+        self._storage = study._storage
+        self._trials: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if isinstance(self._storage, BaseHeartbeat) and is_heartbeat_enabled(self._storage):
+            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+            self._thread.start()
+
+    def add(self, trial) -> None:
+        if self._thread is not None:
+            with self._lock:
+                self._trials.add(trial._trial_id)
+            self._beat(trial._trial_id)
+
+    def remove(self, trial) -> None:
+        with self._lock:
+            self._trials.discard(trial._trial_id)
+
+    def _beat(self, trial_id: int) -> None:
+        try:
+            self._storage.record_heartbeat(trial_id)
+        except Exception as e:  # a lost beat or two is within the grace period
+            log.debug("heartbeat of trial %d not recorded: %s", trial_id, e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock:
+                ids = list(self._trials)
+            for trial_id in ids:
+                self._beat(trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _open_storage(url: str, requeue):
+    """The study's database, checked before any trial runs; with heartbeats, so that launchers elsewhere can tell
+    when this one is gone."""
+    import optuna
+
+    if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+        return url  # another kind of storage: Optuna opens it
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    elif url.startswith("sqlite:"):
+        kwargs["connect_args"] = {"timeout": 60}  # launchers sharing one file wait for each other's writes
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=requeue,
+            )
+    except Exception as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()
+        raise SearchError(
+            f"hydra.sweeper.storage={url}: cannot open the study database ({type(e).__name__}: "
+            f"{reason[0] if reason else ''}); start the database server (scripts/tracking_server.sh start) or fix"
+            " the URL (sqlite:///optuna.db needs nothing)"
+        ) from None
 
 
 def _state(name: str):

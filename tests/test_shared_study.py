@@ -1,0 +1,164 @@
+"""One search, many launchers (issue 29, item 3): launchers pointed at the same study storage run n_trials in
+total between them, no trial twice, and all report the same best.
+
+The SQLite case drives the stand-in app of test_search.py (seconds); the PostgreSQL case runs train.py on tiny
+synthetic data against a real PostgreSQL (started by scripts/tracking_server.sh, with its MLflow server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from test_search import _app
+from test_tracking_server import server  # noqa: F401  (the fixture: PostgreSQL and an MLflow server)
+
+from conftest import REPO, make_dataset
+from hydra_plugins.mnist_sweep_optuna import _impl
+
+BEST = re.compile(r"best trial #(\d+): value (\S+) with (.*)")
+
+
+def _launch_together(args: list[str], envs: list[dict], cwd: Path, timeout: int = 420) -> list[str]:
+    """Start one process per env within a second, wait for all (each with a deadline), return their outputs."""
+    procs = []
+    for env in envs:
+        procs.append(
+            subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+        time.sleep(0.3)
+    outputs = []
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+                p.wait(timeout=30)
+            pytest.fail(f"a launcher still ran after {timeout} s")
+        outputs.append(out)
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _check_study(study, outputs: list[str], n_trials: int) -> list:
+    counted = [t for t in study.trials if not t.user_attrs.get(_impl.SURPLUS_ATTR)]
+    assert len(counted) == n_trials, [(t.number, t.state, t.user_attrs) for t in study.trials]
+    assert all(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in counted)
+    assert len({t.user_attrs[_impl.OWNER_ATTR] for t in counted}) == 2  # both launchers ran some
+    bests = [BEST.findall(out) for out in outputs]
+    assert all(len(b) == 1 for b in bests), outputs[0][-2000:]
+    assert bests[0] == bests[1] and int(bests[0][0][0]) == study.best_trial.number  # the same best, the study's
+    for out in outputs:
+        assert "UpdateFinishedTrialError" not in out and "Traceback" not in out
+    return counted
+
+
+def test_two_launchers_share_a_sqlite_study(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="stand-in", storage=storage, direction="maximize")  # tables exist before the race
+    envs = [
+        {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SWEEP_LOG": str(tmp_path / f"trials{i}.log"),
+            "SWEEP_DIR": str(tmp_path / f"run{i}"),
+            "SWEEP_STORAGE": storage,
+        }
+        for i in range(2)
+    ]
+    args = [sys.executable, str(_app(tmp_path)), "-m", "x=interval(0.0,1.0)", "hydra.sweeper.n_trials=6"]
+    outputs = _launch_together(args, envs, tmp_path)
+    study = optuna.load_study(study_name="stand-in", storage=storage)
+    counted = _check_study(study, outputs, 6)
+    logs = [(tmp_path / f"trials{i}.log").read_text().splitlines() for i in range(2)]
+    ran = [{line.split()[0] for line in lines if "test=False" in line} for lines in logs]
+    assert not ran[0] & ran[1]  # no trial ran in both
+    assert ran[0] | ran[1] == {f"trial={t.number}" for t in counted}  # and each counted trial ran
+    tests = [line for lines in logs for line in lines if "test=True" in line and "epoch=1" in line]
+    assert len(tests) == 1  # the best config is tested once, by the launcher that ran it
+
+
+def _create_database(folder: Path, name: str) -> str:
+    """A database of its own for the study, in the PostgreSQL of scripts/tracking_server.sh; its URL."""
+    import psycopg
+
+    port = int((folder / "pg" / "postmaster.pid").read_text().splitlines()[3])
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+
+
+def test_two_launchers_share_a_postgresql_study(server, tmp_path):  # noqa: F811
+    from mlflow import MlflowClient
+
+    uri, folder = server
+    storage = _create_database(folder, "shared_study")
+    make_dataset(tmp_path / "tiny", n_train=200)
+    MlflowClient(uri).create_experiment("shared")  # not created by two launchers at once
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "hydra/sweeper=optuna",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.best_preset=null",
+        "hydra.sweeper.test_best=false",
+        "hydra.sweeper.startup_trials=2",
+        "model.hidden=choice(8,16,24,32)",
+        "optimizer.lr=tag(log,interval(1e-4,1e-2))",
+        "trainer.epochs=2",
+        f"data.root={tmp_path / 'tiny'}",
+        "data.val_size=40",
+        "data.verify=false",
+        "data.download=false",
+        "mlflow.experiment=shared",
+        "mlflow.log_model=false",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    outputs = _launch_together(args, [env, env], tmp_path)
+    study = optuna.load_study(study_name="shared-search", storage=storage)
+    counted = _check_study(study, outputs, 6)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    numbers = [r.data.params["optuna.trial"] for r in trials]
+    assert sorted(numbers) == sorted(str(t.number) for t in counted)  # each trial once, none lost
+    for parent in parents:  # each launcher's run lists the trials it ran
+        rows = [json.loads(v) for k, v in parent.data.tags.items() if k.startswith("trial.")]
+        mine = {r.info.run_id for r in trials if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+        assert rows and {row["run_id"] for row in rows} == mine
+
+
+def test_an_unreachable_study_storage_is_one_line_before_any_trial(tmp_path):
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.storage=postgresql+psycopg://postgres@127.0.0.1:9/none",
+        "model.hidden=choice(8,16)",
+        f"data.root={tmp_path / 'absent'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "cannot open the study database" in line]
+    assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and "scripts/tracking_server.sh start" in lines[0]
+    assert "Traceback" not in proc.stderr and "Connection refused" in lines[0]
+    assert not list(tmp_path.rglob(".hydra"))  # no trial ran
