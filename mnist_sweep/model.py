@@ -95,10 +95,14 @@ def build(members: int = 1, **mlp_args) -> nn.Module:
 class Classifier(nn.Module):
     """What gets exported: raw images in, class scores out.
 
-    Takes images as ``ToTensor()`` gives them (float, 0..1, shape [N,1,28,28] or [N,28,28]) and applies the
-    training preprocessing itself - ``deskew`` when the net was trained on deskewed digits, then ``Normalize`` -
-    so users of the saved model need not know the dataset's mean and std.
+    Takes images as users have them - uint8 pixels 0..255 (any integer type: JSON numbers arrive as int64) or
+    float 0..1 (float16/32/64), shaped ``[N,28,28]``, ``[N,1,28,28]`` or ``[N,784]`` - and applies the training
+    preprocessing itself (``deskew`` when the net was trained on deskewed digits, then ``Normalize``), so users
+    of the saved model need not know the dataset's mean and std. Anything else raises a one-line ValueError
+    that names the shape, dtype and range expected (never the array itself).
     """
+
+    side = 28  # MNIST and Fashion-MNIST images are 28x28
 
     def __init__(self, net: nn.Module, mean: float, std: float, deskew: bool = False):
         super().__init__()
@@ -107,12 +111,35 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean))
         self.register_buffer("std", torch.tensor(std))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], -1).float()
+    def forward(self, x) -> torch.Tensor:
+        x = self.pixels(x)
         if self.deskew:
-            side = math.isqrt(x.shape[1])
-            x = deskew(x.view(-1, side, side)).view(x.shape)
+            x = deskew(x.view(-1, self.side, self.side)).view(x.shape)
         return self.net((x - self.mean) / self.std)
+
+    def pixels(self, x) -> torch.Tensor:
+        """Any accepted input as float32 ``[N, 784]`` in 0..1; a ValueError for anything else."""
+        side = self.side
+        x = torch.as_tensor(x)
+        shape = tuple(x.shape)
+        expected = f"[N,{side},{side}], [N,1,{side},{side}] or [N,{side * side}]"
+        kind = "uint8 0..255 or float 0..1"
+        got = f"[{','.join(map(str, shape))}] {str(x.dtype).removeprefix('torch.')}"
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            raise ValueError(f"images must be {kind}, shaped {expected}; got {got}")
+        if shape[1:] not in ((side, side), (1, side, side), (side * side,)):
+            hint = " (one image? add the batch axis: x[None])" if shape in ((side, side), (1, side, side)) else ""
+            raise ValueError(f"images must be shaped {expected} ({kind}); got {got}{hint}")
+        integer = not x.dtype.is_floating_point
+        x = x.reshape(shape[0], side * side)
+        if not torch.compiler.is_exporting() and x.numel():  # torch.export (pt2) cannot trace value checks
+            low, high = x.min().item(), x.max().item()
+            if integer and (low < 0 or high > 255):
+                raise ValueError(f"integer pixels must be 0..255; got values {low}..{high} in {got}")
+            if not integer and not (0 <= low and high <= 1):  # also catches NaN
+                advice = ": divide uint8 pixels by 255" if high > 1 else ""
+                raise ValueError(f"float pixels must be 0..1; got values {low:.4g}..{high:.4g} in {got}{advice}")
+        return x.float() / 255 if integer else x.float()
 
 
 def count_params(model: nn.Module) -> int:
