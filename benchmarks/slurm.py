@@ -1,4 +1,4 @@
-"""What a trial pays for going through SLURM: writes docs/BENCHMARKS-slurm.md.
+"""What a trial pays on the way from laptop to cluster - a team server, then SLURM: writes docs/BENCHMARKS-slurm.md.
 
     python -m benchmarks.slurm [--repeats 2] [--data-root ../shared/datasets/mnist] [--slurm-conf FILE]
 
@@ -7,6 +7,8 @@ run with Hydra's basic launcher and with ``hydra/launcher=submitit_slurm``, in t
 first, ...), side by side on this machine:
 
 * basic: the trials one after another in the launching process, 1 torch thread (``device.threads=1``);
+* basic, team server: the same, logging to the PostgreSQL-backed ``mlflow server`` of scripts/tracking_server.sh
+  (started for the measurement on free ports; each sweep in an experiment of its own) instead of SQLite;
 * SLURM, one at a time: an array job with ``array_parallelism=1`` and ``cpus_per_task=1``, so that each trial
   does the same work on the same core as with the basic launcher and the difference is SLURM's and submitit's
   alone (scheduling, a fresh Python process per trial with its imports, submitit's polling);
@@ -40,6 +42,8 @@ from benchmarks import common
 REPO = common.REPO
 OUT = common.DOCS / "BENCHMARKS-slurm.md"
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
+SERVER = REPO / "scripts" / "tracking_server.sh"
+TEAM = "basic, team server"
 GRID = "model.hidden=32,64,128"
 TRIAL = ("trainer.epochs=1", "mlflow.log_model=false")
 N_TRIALS = 3
@@ -73,21 +77,29 @@ def launchers(partition: str) -> dict[str, tuple[str, ...]]:
     slurm += ("hydra.launcher.cpus_per_task=1",)
     return {
         "basic": ("device.threads=1",),
+        TEAM: ("device.threads=1",),
         ONE: (*slurm, "hydra.launcher.array_parallelism=1"),
         "SLURM, side by side": slurm,
     }
 
 
 def sweep(
-    overrides: tuple[str, ...], data: tuple[str, ...], env: dict[str, str], ctld_log: Path | None = None
+    overrides: tuple[str, ...],
+    data: tuple[str, ...],
+    env: dict[str, str],
+    ctld_log: Path | None = None,
+    server: str | None = None,
 ) -> dict[str, float]:
-    """Run one sweep on a fresh store: its wall time, the time in its trials' runs and, given slurmctld's log for a
-    one-at-a-time SLURM sweep, where each trial's time went (``phases``), in seconds."""
+    """Run one sweep on a fresh store (or, given a tracking ``server``, a fresh experiment there): its wall time,
+    the time in its trials' runs and, given slurmctld's log for a one-at-a-time SLURM sweep, where each trial's
+    time went (``phases``), in seconds."""
     from mlflow import MlflowClient
 
     with tempfile.TemporaryDirectory(prefix="bench-slurm-") as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
+        uri = server or f"sqlite:///{tmp}/mlflow.db"
+        experiment = f"bench-{Path(tmp).name}"
         args = [sys.executable, str(REPO / "train.py"), "-m", GRID, *TRIAL, *data, f"mlflow.tracking_uri={uri}"]
+        args.append(f"mlflow.experiment={experiment}")
         t0 = time.perf_counter()
         proc = subprocess.run([*args, *overrides], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
         wall = time.perf_counter() - t0
@@ -96,7 +108,7 @@ def sweep(
         if "sacct" in (proc.stdout + proc.stderr).lower():
             raise SystemExit(f"sacct noise in the sweep's output:\n{proc.stderr[-2000:]}")
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("mnist-sweep")
+        exp = client.get_experiment_by_name(experiment)
         trials = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
         if len(trials) != N_TRIALS or {t.info.status for t in trials} != {"FINISHED"}:
             raise SystemExit(f"expected {N_TRIALS} FINISHED trials, got {[t.info.status for t in trials]}")
@@ -161,7 +173,7 @@ def _mean(runs: list[dict[str, float]], key: str) -> float:
 
 
 def render(results: dict[str, list[dict[str, float]]], command: str, slurm_version: str, data_root: str) -> str:
-    basic, one, wide = (results[k] for k in ("basic", ONE, "SLURM, side by side"))
+    basic, team, one, wide = (results[k] for k in ("basic", TEAM, ONE, "SLURM, side by side"))
     rows = []
     for name, runs in results.items():
         sequential = runs is not wide  # side by side, the trials' runs overlap: their sum is not a share of the wall
@@ -183,7 +195,7 @@ def render(results: dict[str, list[dict[str, float]]], command: str, slurm_versi
     wide_cost = _mean(wide, "wall") - _mean(basic, "wall")
     return "\n".join(
         [
-            "# SLURM overhead per trial",
+            "# From laptop to cluster: what a trial pays for a team server and for SLURM",
             "",
             *common.header(command),
             f"SLURM: {slurm_version}, one node on 127.0.0.1 (scripts/slurm_cluster.sh), no accounting database. "
@@ -200,6 +212,9 @@ def render(results: dict[str, list[dict[str, float]]], command: str, slurm_versi
             "",
             common.table(["phase", "s per trial", "what"], [[k, f"{_mean(one, k):.2f}", v] for k, v in PHASES.items()]),
             "",
+            f"Logging to the team server (MLflow over HTTP, PostgreSQL behind it) instead of SQLite costs "
+            f"{_mean(team, 'wall') - _mean(basic, 'wall'):+.2f} s per trial "
+            f"({_mean(team, 'inside') - _mean(basic, 'inside'):+.2f} s inside the trials' runs). "
             f"Going through SLURM, one trial at a time on the same core, costs {cost:+.1f} s per trial: "
             f"{outside:+.1f} s outside the trials' MLflow runs and {inside:+.1f} s inside them. SLURM itself "
             f"(schedule and spawn) takes {_mean(one, 'schedule') + _mean(one, 'spawn'):.1f} s of it; the rest is "
@@ -237,14 +252,20 @@ def main(argv: list[str] | None = None) -> None:
             data = (f"data.root={a.data_root}", f"data.cache_dir={Path(base) / 'cache'}")
             ways = launchers(conf_value(conf, "PartitionName"))
             ctld_log = Path(conf_value(conf, "SlurmctldLogFile"))
+            server_dir = Path(base) / "server"
+            start = ["bash", str(SERVER), "start", "--dir", str(server_dir), "--port", str(_ports())]
+            subprocess.run([*start, "--pg-port", str(_ports())], check=True, timeout=300, env=env)
+            server = f"http://127.0.0.1:{start[-1]}"
             sweep((), data, env)  # untimed: fills the data cache every later sweep reads
             results: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
             for turn in range(a.repeats):
                 order = list(ways) if turn % 2 == 0 else list(reversed(ways))
                 for name in order:
-                    results[name].append(sweep(ways[name], data, env, ctld_log if name == ONE else None))
+                    log = ctld_log if name == ONE else None
+                    results[name].append(sweep(ways[name], data, env, log, server if name == TEAM else None))
                     print(f"turn {turn + 1}, {name}: {results[name][-1]['wall']:.1f} s", flush=True)
         finally:
+            subprocess.run(["bash", str(SERVER), "stop", "--dir", str(Path(base) / "server")], timeout=120, env=env)
             if a.slurm_conf is None:
                 subprocess.run(["bash", str(CLUSTER), "stop", "--dir", str(folder)], timeout=120)
     common.write_report(a.out, render(results, command, version, a.data_root))

@@ -190,11 +190,11 @@ def test_resume_after_kill_9_finishes_each_config_exactly_once(tmp_path, mnist_r
     statuses = [r.info.status for r in parents + trials]
     assert "RUNNING" not in statuses  # ...so the next launch did
     assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
-    killed = [t for t in trials if t.info.status == "KILLED"]
-    assert len(killed) == 1 and "ended without closing it" in killed[0].data.tags["error"]
-    finished = [t for t in trials if t.info.status == "FINISHED"]
-    assert sorted(t.data.params["model.hidden"] for t in finished) == ["16", "24", "32"]  # each exactly once
-    for t in finished:
+    # The trial killed in the middle went on from its last saved epoch, in its own run: no second run of it.
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    assert relaunch.stdout.count("resuming from") + relaunch.stderr.count("resuming from") == 1
+    assert sorted(t.data.params["model.hidden"] for t in trials) == ["16", "24", "32"]  # each exactly once
+    for t in trials:
         assert [m.step for m in client.get_metric_history(t.info.run_id, "val/acc")] == [1, 2, 3]
 
 

@@ -447,8 +447,12 @@ class OptunaSweeperImpl(Sweeper):
     def _bookkeeping(self, study, trial) -> list[str]:
         """What an app that turned the additions on needs to hear: where to report each epoch, and no test set."""
         out = []
-        if self.pruner != "none":
-            p = "" if OmegaConf.select(self.config, "optuna", default=None) is not None else "++"
+        opted_in = OmegaConf.select(self.config, "optuna", default=None) is not None
+        # An app that opted in reports every epoch to a study in a database even unpruned (the study then holds
+        # each trial's learning curve, as benchmarks/search.py counts it); a study of several objectives cannot.
+        curves = opted_in and self._storage_url is not None and len(self._directions()) == 1
+        if self.pruner != "none" or curves:
+            p = "" if opted_in else "++"
             out += [
                 f"{p}optuna.storage={self._storage_url or 'null'}",
                 as_override(f"{p}optuna.study", study.study_name),
