@@ -160,7 +160,7 @@ def _check_size(settings: config.Config, device: torch.device) -> None:
         hidden=m.hidden,
         depth=m.depth,
         members=m.members,
-        num_classes=10,
+        num_classes=len(data.DATASETS[d.name].classes),
         batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size,
         optimizer=optimizer,

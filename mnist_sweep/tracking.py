@@ -124,15 +124,13 @@ def prepare(tracking_uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         check_server(tracking_uri)
-    lock, db = contextlib.nullcontext(), None
-    if scheme == "sqlite":
-        db = sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(db.with_name(db.name + ".lock"))  # between processes, on every OS
     mlflow.set_tracking_uri(tracking_uri)
     # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
     # half-made; the lock makes the first access (the switch to WAL and the migrations) one process at a time.
-    with lock:
+    with store_lock(tracking_uri):
         if db is not None:
             prepare_sqlite(db)
         return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
@@ -402,11 +400,9 @@ def champion_uri(name: str) -> str:
     return f"models:/{name}@{CHAMPION}"
 
 
-def _registry_lock():
-    """Between processes sharing a SQLite store: one compare-and-move of the alias at a time."""
-    import mlflow
-
-    db = sqlite_path(mlflow.get_tracking_uri())
+def store_lock(tracking_uri: str):
+    """An exclusive lock between the processes sharing a SQLite store (on every OS), or nothing for a server."""
+    db = sqlite_path(tracking_uri)
     return FileLock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
 
 
@@ -458,7 +454,7 @@ def register(run_id: str, name: str, tags: dict[str, Any] | None = None) -> Regi
         with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" lines: ours says it all
             version = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
     number = str(version.version)  # MLflow returns it as an int from some calls, a str from others
-    with _registry_lock():
+    with store_lock(mlflow.get_tracking_uri()):  # one compare-and-move of the alias at a time
         champion = _champion(client, name)
         previous = str(champion.version) if champion is not None else None
         previous_score = _version_score(client, champion) if champion is not None else None
