@@ -174,7 +174,7 @@ def cpu_flags() -> set[str]:
 
 
 # A CPU runs bf16 matmuls natively with AVX512_BF16 or AMX; without them torch emulates bf16 in fp32 and
-# converts on every operation: measured 20x slower than fp32 on an AVX2-only EPYC (docs/BENCHMARKS.md).
+# converts on every operation, many times slower than fp32 (an AVX2-only EPYC: ../shared/NOTES.md).
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
