@@ -131,6 +131,7 @@ def check(cfg: DictConfig) -> Context:
     hc = _hydra()
     settings = config.check(cfg)
     experiment_id = tracking.prepare(settings.mlflow.tracking_uri, settings.mlflow.experiment)
+    tracking.close_orphans(experiment_id)  # a killed process's runs are KILLED, never RUNNING, and can go on
     resume = None
     if settings.resume:  # `python train.py resume=RUN_ID`: that run's own settings, from its saved state
         resume = _resume_by_id(settings.resume)
@@ -640,9 +641,7 @@ def _tags(ctx: Context) -> dict[str, str]:
             f"Reproduce this run:\n\n    {command}\n\nIf it was interrupted, continue it: "
             "`python train.py resume=<this run's id>` (a relaunched sweep does so by itself)."
         )
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):  # a SLURM job (submitit_slurm)
-        if os.environ.get(name):
-            tags[name.lower().replace("_", ".", 1)] = os.environ[name]  # slurm.job_id, slurm.array_task_id...
+    tags.update(tracking.slurm_tags())  # a SLURM job (submitit_slurm): its id, and which start of it
     return tags
 
 

@@ -216,9 +216,7 @@ def start(config: DictConfig) -> Sweep:
     schema.check(job_cfg)  # a bad non-swept value fails here, in one line, before the parent exists
     slurm.prepare(OmegaConf.select(config, "hydra.launcher"))  # SLURM missing, unknown partition: before any job
     experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
-    closed = tracking.close_orphans(experiment_id)
-    if closed:
-        log.warning("closed %d run(s) left RUNNING by a launch that was killed: %s", len(closed), ", ".join(closed))
+    tracking.close_orphans(experiment_id)
     spec = definition(config)
     folder = sweep_dir(config.hydra)
     tags = {

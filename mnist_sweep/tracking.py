@@ -186,23 +186,43 @@ def _owner_alive(tags: dict[str, str]) -> bool:
     return not started or _process_started(pid) in ("", started)
 
 
-def close_orphans(experiment_id: str) -> list[str]:
-    """Close as KILLED the RUNNING runs of this host whose owning process is gone; return their ids.
+def slurm_tags() -> dict[str, str]:
+    """Which SLURM job this process is (none outside SLURM): job id, array ids, and how often it was restarted."""
+    names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id"}
+    names["SLURM_ARRAY_TASK_ID"] = "slurm.array_task_id"
+    tags = {tag: os.environ[name] for name, tag in names.items() if os.environ.get(name)}
+    if tags:
+        tags["slurm.restart_count"] = os.environ.get("SLURM_RESTART_COUNT") or "0"  # unset before any requeue
+    return tags
 
-    Runs owned by other hosts (cluster nodes) are left alone: their processes cannot be checked from here.
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """Close as KILLED the RUNNING runs whose owning process is gone, say so, and return their ids.
+
+    Gone: a process of this host that no longer exists, or an earlier start of this SLURM job (a requeued job
+    starts again under its id, on whichever node, once the old start has ended; SLURM counts the starts). Runs
+    owned by other hosts' processes cannot be checked from here and are left alone.
     """
     import mlflow
 
     client = mlflow.MlflowClient()
     host = socket.gethostname()
+    job = slurm_tags()
     closed = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
         tags = run.data.tags
-        if tags.get("owner.host") != host or _owner_alive(tags):
+        earlier_start = (
+            bool(job)
+            and tags.get("slurm.job_id") == job["slurm.job_id"]
+            and int(tags.get("slurm.restart_count", "0")) < int(job["slurm.restart_count"])
+        )
+        if not earlier_start and (tags.get("owner.host") != host or _owner_alive(tags)):
             continue
         client.set_tag(run.info.run_id, "error", f"its process (pid {tags.get('owner.pid')}) ended without closing it")
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by a process that was killed: %s", len(closed), ", ".join(closed))
     return closed
 
 

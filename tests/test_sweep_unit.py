@@ -131,6 +131,23 @@ def test_a_reused_pid_is_not_mistaken_for_the_owner(store):
     assert tracking.close_orphans(experiment_id) == [run.info.run_id]
 
 
+def test_a_requeued_slurm_job_closes_its_earlier_start_on_any_node(store, monkeypatch):
+    """SLURM kills a requeued job's processes and starts it again under the same id, maybe on another node:
+    the run of the earlier start (RUNNING if its process was killed before closing it) is closed, so the new
+    start can go on in it; a run of the same allocation's current start, or of another job, is left alone."""
+    client, experiment_id = store
+    elsewhere = {"owner.host": "another-node", "owner.pid": "1"}
+    earlier = client.create_run(experiment_id, tags={**elsewhere, "slurm.job_id": "41", "slurm.restart_count": "0"})
+    current = client.create_run(experiment_id, tags={**elsewhere, "slurm.job_id": "41", "slurm.restart_count": "1"})
+    other = client.create_run(experiment_id, tags={**elsewhere, "slurm.job_id": "42", "slurm.restart_count": "0"})
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert tracking.close_orphans(experiment_id) == []  # the first start sees no earlier one
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert tracking.close_orphans(experiment_id) == [earlier.info.run_id]
+    assert {client.get_run(r.info.run_id).info.status for r in (current, other)} == {"RUNNING"}
+
+
 def test_previous_result_finds_only_finished_runs_of_the_same_config(store):
     client, experiment_id = store
     failed = client.create_run(experiment_id, tags={"config_hash": "abc"})
