@@ -97,6 +97,35 @@ def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {tracking_uri} answered HTTP {response.status_code} on /health; "
             "check the address in mlflow.tracking_uri"
         )
+    # /health needs no login: ask for one experiment, with the login MLflow itself would send (its environment
+    # variables or ~/.mlflow/credentials), so a missing or wrong one is this line, not a traceback mid-run.
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    search = "/api/2.0/mlflow/experiments/search"
+    try:
+        code = http_request(
+            get_default_host_creds(tracking_uri),
+            search,
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=timeout,
+        ).status_code
+    except Exception:  # noqa: BLE001  (not ours to judge here: the first real request reports it)
+        return
+    if code in (401, 403):
+        where = urlparse(tracking_uri)
+        shown = (
+            where._replace(netloc="***@" + where.netloc.rsplit("@", 1)[1]).geturl()
+            if "@" in where.netloc
+            else tracking_uri
+        )
+        raise TrackingError(
+            f"the MLflow server at {shown} refused the credentials (HTTP {code}); set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (for scripts/tracking_server.sh: set -a; . DIR/credentials; set +a) "
+            "or write them to ~/.mlflow/credentials, never into the URL"
+        )
 
 
 def prepare_sqlite(path: Path) -> None:
