@@ -256,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
             start = ["bash", str(SERVER), "start", "--dir", str(server_dir), "--port", str(_ports())]
             subprocess.run([*start, "--pg-port", str(_ports())], check=True, timeout=300, env=env)
             server = f"http://127.0.0.1:{start[-1]}"
+            # Its login, for the sweeps (and their SLURM jobs) and for this process's MlflowClient.
+            lines = (server_dir / "credentials").read_text().splitlines()
+            login = dict(line.split("=", 1) for line in lines if line.startswith("MLFLOW_TRACKING_"))
+            env.update(login)
+            os.environ.update(login)
             sweep((), data, env)  # untimed: fills the data cache every later sweep reads
             results: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
             for turn in range(a.repeats):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from test_tracking_server import read_credentials
 
 from conftest import REPO, make_dataset, train_py
 from mnist_sweep import slurm, sweep
@@ -128,7 +129,7 @@ def test_a_sweep_through_slurm(cluster, tmp_path, tiny):
 
 @pytest.mark.slurm
 @pytest.mark.e2e
-def test_slurm_jobs_report_to_the_postgresql_team_server(cluster, tmp_path, tiny):
+def test_slurm_jobs_report_to_the_postgresql_team_server(cluster, tmp_path, tiny, monkeypatch):
     if not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")):
         pytest.fail("PostgreSQL is not installed: apt-get install postgresql (bash .ci/run does it)")
     base = Path(tempfile.mkdtemp(prefix="mnist-sweep-slurm-server-"))  # reachable by user postgres, unlike tmp_path
@@ -140,7 +141,10 @@ def test_slurm_jobs_report_to_the_postgresql_team_server(cluster, tmp_path, tiny
         started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
         uri = f"http://127.0.0.1:{port}"
-        proc = _sweep(cluster, tmp_path, tiny, "model.hidden=8,16", f"mlflow.tracking_uri={uri}")
+        login = read_credentials(folder)  # the server wants a login: the launcher and its jobs (sbatch passes
+        for name, value in login.items():  # the launcher's environment on) use MLflow's variables
+            monkeypatch.setenv(name, value)
+        proc = _sweep(cluster, tmp_path, tiny, "model.hidden=8,16", f"mlflow.tracking_uri={uri}", env=login)
         assert proc.returncode == 0, proc.stderr[-3000:]
         _no_sacct_noise(proc)
         assert not list(tmp_path.rglob("*.db")) and not (tmp_path / "mlruns").exists()  # no local store
