@@ -84,7 +84,7 @@ credential() {  # NAME: its value in DIR/credentials
     sed -n "s/^$1=//p" "$dir/credentials" | head -n 1
 }
 
-postgres() {  # a cluster in which every connection needs a password; the mlflow role and its databases
+setup_postgres() {  # a cluster in which every connection needs a password; the mlflow role and its databases
     if [ "$(id -u)" -eq 0 ]; then
         mkdir -p "$pgdata"
         chown postgres: "$pgdata"
@@ -133,7 +133,7 @@ start() {
         die "a tracking server from $dir is already running (pid $(cat "$mlflow_pid")); stop it first: $0 stop --dir $dir"
     fi
     credentials
-    postgres
+    setup_postgres
     [ -f "$dir/flask_secret" ] || secret | write_private "$dir/flask_secret"
     # The basic-auth app's users and permissions live in PostgreSQL too (database mlflow_auth). A successful
     # login is remembered for 60 s per worker: checking the password hash on every request costs ~0.1 s.
