@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import UserError, augment, config, data, model, plots, search, sweep, tracking, training, trial
 from mnist_sweep.cli import CONF_DIR, fail, sigterm_to_interrupt
+from mnist_sweep.redact import mask_secrets, mask_values
 
 log = logging.getLogger("mnist_sweep")
 
@@ -376,7 +377,7 @@ def _saver(ctx: Context, order: torch.Generator, mlrun: tracking.Run):
     path = _state_path(ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
     mlrun.set_tags({trial.RESUME_STATE: str(path.resolve())})
-    saved_config = OmegaConf.to_container(ctx.cfg, resolve=True)
+    saved_config = mask_values(OmegaConf.to_container(ctx.cfg, resolve=True))  # resume=RUN_ID takes mlflow.* anew
     saved_config["data"]["root"] = _absolute(ctx.settings.data.root)
 
     def save(snapshot: dict) -> None:
@@ -484,7 +485,7 @@ def _save_checkpoint(out: Path, cfg: DictConfig, net, args: dict, d, classes, ex
     # The config is saved beside the weights, so a checkpoint can always be rebuilt (model.load_checkpoint).
     ckpt = out / "checkpoint"
     ckpt.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    text = mask_secrets(OmegaConf.to_yaml(cfg, resolve=True))
     (out / "config.yaml").write_text(text)
     (ckpt / "config.yaml").write_text(text)
     state = {k: v.cpu() for k, v in net.state_dict().items()}
@@ -629,7 +630,7 @@ def _tags(ctx: Context) -> dict[str, str]:
     if ctx.trial is not None:
         tags["hydra.job.num"] = str(ctx.hc.job.num)
         tags[trial.SWEEP_DIR] = trial.sweep_dir(ctx.hc)
-        tags["trial.overrides"] = json.dumps(list(ctx.hc.overrides.task))[:5000]
+        tags["trial.overrides"] = json.dumps([mask_secrets(o) for o in ctx.hc.overrides.task])[:5000]
         tags["torch.threads"] = str(torch.get_num_threads())
         source = ("mlflow.source.name", "mlflow.source.type")
         tags.update({k: v for k, v in _parent_tags(ctx).items() if k in source})
@@ -649,7 +650,7 @@ def _reproduce(ctx: Context) -> str:
     """``python train.py OVERRIDES``: this run alone (a search's bookkeeping left out, its test run kept as is)."""
     overrides = list(ctx.hc.overrides.task) if ctx.hc is not None else []
     kept = [o for o in overrides if not o.startswith(("optuna.", "hydra."))]
-    return " ".join(["python train.py", *(shlex.quote(o) for o in kept)])
+    return " ".join(["python train.py", *(shlex.quote(mask_secrets(o)) for o in kept)])
 
 
 def _link(ctx: Context, run_id: str) -> str:

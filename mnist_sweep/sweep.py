@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import config as schema
 from mnist_sweep import model, plots, search, slurm, tracking, trial
+from mnist_sweep.redact import mask_hydra_files, mask_secrets, warn_credentials
 from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
 
 log = logging.getLogger("mnist_sweep.sweep")
@@ -215,6 +216,8 @@ def start(config: DictConfig) -> Sweep:
     job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     schema.check(job_cfg)  # a bad non-swept value fails here, in one line, before the parent exists
     slurm.prepare(OmegaConf.select(config, "hydra.launcher"))  # SLURM missing, unknown partition: before any job
+    storage = OmegaConf.select(config, "hydra.sweeper.storage")
+    warn_credentials({"mlflow.tracking_uri": config.mlflow.tracking_uri, "hydra.sweeper.storage": storage})
     experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
     tracking.close_orphans(experiment_id)
     spec = definition(config)
@@ -226,7 +229,7 @@ def start(config: DictConfig) -> Sweep:
         **tracking.git_state(),
         **tracking.version_tags(),
     }
-    command = "python " + " ".join(shlex.quote(a) for a in [_script(), *sys.argv[1:]])
+    command = "python " + " ".join(shlex.quote(mask_secrets(a)) for a in [_script(), *sys.argv[1:]])
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -237,7 +240,7 @@ def start(config: DictConfig) -> Sweep:
     parent = tracking.Run(run.info.run_id)
     parent.log_params(
         {
-            "sweep.overrides": " ".join(spec["overrides"]),
+            "sweep.overrides": " ".join(mask_secrets(o) for o in spec["overrides"]),
             "sweep.swept_keys": ", ".join(spec["swept_keys"]),
             "sweep.sweeper": spec["sweeper"],
             "sweep.launcher": spec["launcher"],
@@ -552,7 +555,7 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
     if best is not None:
         # The search's bookkeeping (study, trial number, trainer.test=false) is not part of the recipe.
         recipe = [o for o in best["overrides"] if not o.startswith(("optuna.", "trainer.test="))]
-        command = "python " + " ".join(shlex.quote(a) for a in [_script(), *recipe])
+        command = "python " + " ".join(shlex.quote(mask_secrets(a)) for a in [_script(), *recipe])
         out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
     out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")
     if sweep.link:
@@ -584,7 +587,20 @@ class SweepCallback(Callback):
             raise StartFailed(e) from e
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_hydra_files(None, sweep_dir(config.hydra))
         finish()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra has just written the job's ``.hydra/*.yaml`` (and the sweep's ``multirun.yaml``) with the
+        command line as given: mask any password in them before anything reads or logs them."""
+        from hydra.types import RunMode
+
+        hc = config.hydra
+        multirun = hc.mode == RunMode.MULTIRUN
+        job_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
+        mask_hydra_files(job_dir, sweep_dir(hc) if multirun else None)
+        if not multirun:  # a sweep warns once, when it starts
+            warn_credentials({"mlflow.tracking_uri": OmegaConf.select(config, "mlflow.tracking_uri")})
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         from hydra.types import RunMode
