@@ -4,6 +4,7 @@ pictures made from MNIST's test digits.
     python -m benchmarks.predict                          # 1000 pictures, the champion; writes docs/PREDICT.md's block
     python -m benchmarks.predict --n 2000 --model runs:/<run id>/model --out /tmp/predict.md
     python -m benchmarks.predict --fixtures tests/fixtures/digits   # (re)make the test fixtures (10 small files)
+    python -m benchmarks.predict --formats                # what each mlflow.model_format costs to log and to load
 
 Each picture (``photo``) is one test digit drawn as ink on paper, the way a phone or a scanner sees it: the digit
 scaled to 30-250 pixels tall, sharpened into pen strokes (a quarter of them with a fine pen: thinner strokes),
@@ -18,7 +19,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,9 @@ from PIL import Image, ImageFilter
 from benchmarks import common
 
 BLOCK = "accuracy"  # the block of docs/PREDICT.md this benchmark writes
+FORMATS_BLOCK = "formats"  # ... and the one --formats writes
+FORMATS = ("weights", "pickle", "pt2")  # the default first; pickle was the default before
+NETS = {"default net, 784-256-256-10": {"hidden": 256}, "best_aug's net, 2 x 2048, batch norm": {"hidden": 2048}}
 OUT = common.DOCS / "PREDICT.md"
 
 
@@ -255,6 +265,124 @@ def report(result: dict, command: str, model_uri: str) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# --formats: what each mlflow.model_format costs a run, to log and to load
+# ------------------------------------------------------------------------------------------------------------
+
+
+def time_format(fmt: str, net: str, repeats: int, uris: list[str] | None = None) -> dict:
+    """In this fresh process (a run logs its model in its own process; ``python -m mnist_sweep.predict`` loads one
+    in its own): without ``uris``, log ``repeats`` models of ``net`` in ``fmt`` into a new SQLite store in the
+    working folder (``tracking.Run.log_model``); with them, load each as ``python -m mnist_sweep.predict`` does
+    (``tracking.load_model``; pickle trusted). torch, mlflow and the store are ready before the clock starts.
+    Seconds: the first, and the median of the later ones."""
+    import mlflow
+    import numpy as np
+
+    from mnist_sweep import model, tracking
+
+    uri = f"sqlite:///{Path.cwd()}/mlruns/mlflow.db"
+    experiment = tracking.prepare(uri, "formats")
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    example = torch.rand(2, 1, 28, 28).numpy()
+    seconds = []
+    if uris is None:
+        torch.manual_seed(0)
+        norm = "batch" if NETS[net]["hidden"] > 256 else "none"
+        classifier = model.Classifier(model.build(depth=2, norm=norm, **NETS[net]), 0.1307, 0.3081).eval()
+        uris = []
+        for _ in range(repeats):
+            run = tracking.Run(client.create_run(experiment).info.run_id)
+            t = time.perf_counter()
+            uris.append(run.log_model(classifier, example, fmt))
+            seconds.append(time.perf_counter() - t)
+        location = client.get_logged_model(uris[0].removeprefix("models:/")).artifact_location
+        size = sum(f.stat().st_size for f in Path(location.removeprefix("file://")).rglob("*") if f.is_file())
+        return {"first": seconds[0], "later": statistics.median(seconds[1:]), "bytes": size, "uris": uris}
+    for model_uri in uris:
+        t = time.perf_counter()
+        loaded = tracking.load_model(model_uri, trust_pickle=fmt == "pickle")
+        seconds.append(time.perf_counter() - t)
+        assert np.asarray(loaded.predict(example)).shape == (2, 10)
+    return {"first": seconds[0], "later": statistics.median(seconds[1:])}
+
+
+def _worker(folder: str, *args) -> dict:
+    call = f"predict.time_format{args!r}"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import json; from benchmarks import predict; print(json.dumps({call}))"],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(common.REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{args[:2]}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_formats(rounds: int, repeats: int) -> dict:
+    """Each format and net logged in a fresh process, then loaded in another; the formats side by side in each
+    round (order rotated), so that a busy moment of the machine falls on all of them. Per (format, net): the
+    medians over the rounds, and the medians of each round's ratio to pickle."""
+    seen: dict[tuple[str, str], list[dict]] = {}
+    for r in range(rounds):
+        for net in NETS:
+            order = FORMATS[r % len(FORMATS) :] + FORMATS[: r % len(FORMATS)]
+            for fmt in order:
+                with tempfile.TemporaryDirectory() as tmp:
+                    logged = _worker(tmp, fmt, net, repeats)
+                    loaded = _worker(tmp, fmt, net, repeats, logged["uris"])
+                m = {"log_first": logged["first"], "log_later": logged["later"], "bytes": logged["bytes"]}
+                m.update(load_first=loaded["first"], load_later=loaded["later"])
+                seen.setdefault((fmt, net), []).append(m)
+                print(f"round {r + 1}/{rounds} {net} {fmt}: {m}", file=sys.stderr)
+    keys = ("log_first", "log_later", "load_first", "load_later")
+    result = {}
+    for (fmt, net), runs in seen.items():
+        base = seen[("pickle", net)]
+        result[(fmt, net)] = {k: statistics.median(m[k] for m in runs) for k in (*keys, "bytes")}
+        result[(fmt, net)]["ratio"] = {
+            k: statistics.median(m[k] / b[k] for m, b in zip(runs, base, strict=True)) for k in keys
+        }
+    return result
+
+
+def formats_report(result: dict, command: str, rounds: int, repeats: int) -> str:
+    rows = []
+    for net in NETS:
+        for fmt in FORMATS:
+            m = result[(fmt, net)]
+            rows.append(
+                [
+                    net,
+                    f"`{fmt}`" + (" (default)" if fmt == "weights" else ""),
+                    *(f"{m[k]:.2f} s ({m['ratio'][k]:.2f}x)" for k in ("log_first", "log_later")),
+                    *(f"{m[k]:.3f} s ({m['ratio'][k]:.2f}x)" for k in ("load_first", "load_later")),
+                    f"{m['bytes'] / 1e6:.2f}",
+                ]
+            )
+    head = ["net", "format", "log: first in a process", "log: later", "load: first in a process", "load: later", "MB"]
+    return "\n".join(
+        [
+            "### What each model format costs a run",
+            "",
+            *common.header(command),
+            f"Each format and net: {repeats} models logged (`tracking.Run.log_model`) in a fresh process, then loaded "
+            "in another (`tracking.load_model`, as `python -m mnist_sweep.predict` does; pickle trusted), each "
+            "process with torch, mlflow and its SQLite store ready before the clock starts. Medians of "
+            f"{rounds} rounds, the formats side by side in each round; in brackets the median of the rounds' ratios "
+            "to `pickle`, the default before. *First in a process* is what a single run (`python train.py`), a "
+            "sweep's registration or one `predict` pays; *later* is each further model of a process "
+            "(`mlflow.sweep_models=all`).",
+            "",
+            common.table(head, rows),
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from mnist_sweep import predict
 
@@ -268,7 +396,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(OUT), help="the report: this file's accuracy block")
     parser.add_argument("--save", metavar="FOLDER", help="also write the pictures there")
     parser.add_argument("--fixtures", metavar="FOLDER", help="only write the test fixtures there (--n of them)")
+    parser.add_argument("--formats", action="store_true", help="only time each model format (its own block)")
+    parser.add_argument("--rounds", type=int, default=3, help="--formats: rounds, each format once in each")
+    parser.add_argument("--repeats", type=int, default=5, help="--formats: models logged and loaded per process")
     args = parser.parse_args(argv)
+    if args.formats:
+        result = measure_formats(args.rounds, args.repeats)
+        command = common.command_line("benchmarks.predict", argv)
+        common.write_report(args.out, formats_report(result, command, args.rounds, args.repeats), FORMATS_BLOCK)
+        return
     if args.fixtures:
         for path in write_fixtures(Path(args.fixtures), args.n or 10):
             print(f"{path} ({path.stat().st_size} bytes)")

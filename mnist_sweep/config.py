@@ -267,8 +267,10 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # or http://HOST:PORT for a tracking server
     experiment: str = "mnist-sweep"  # the MLflow experiment every run and sweep goes into
     run_name: str | None = None  # default: built from the command-line overrides
-    log_model: bool = True  # mlflow.pytorch.log_model with an input example (raw uint8 images)
-    model_format: str = "pickle"  # pickle (fast, code travels with it) | pt2 (torch.export, ~2 s more per run)
+    log_model: bool = True  # log the model (format: model_format) with an input example (raw uint8 images)
+    # weights (no pickle, no code: loading runs nothing from the store) | pt2 (torch.export, ~2 s more per run) |
+    # pickle (opt-in: loading it runs any code its files hold - trusts whoever can write the store)
+    model_format: str = "weights"
     # In a sweep: best = only the best trial's model is logged, once, when the sweep ends (every trial keeps its
     # checkpoint artifact); all = every trial logs its model (about 0.2 s each, 2 s for the first in a process).
     sweep_models: str = "best"
@@ -286,11 +288,11 @@ class MlflowConfig:
             "mlflow.experiment=mnist",
         )
         _require(
-            self.model_format in ("pickle", "pt2"),
+            self.model_format in ("weights", "pt2", "pickle"),
             "mlflow.model_format",
             self.model_format,
-            "choose pickle or pt2",
-            "mlflow.model_format=pt2",
+            "choose weights, pt2 or pickle",
+            "mlflow.model_format=weights",
         )
         _require(
             self.sweep_models in ("best", "all"),

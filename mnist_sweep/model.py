@@ -45,6 +45,16 @@ class MLP(nn.Module):
             raise ValueError(f"activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if norm not in NORMS:
             raise ValueError(f"norm {norm!r}: choose one of {', '.join(NORMS)}")
+        self.args = {  # what rebuilds it (saved_model writes them beside the weights)
+            "in_features": in_features,
+            "hidden": hidden,
+            "depth": depth,
+            "num_classes": num_classes,
+            "activation": activation,
+            "dropout": dropout,
+            "norm": norm,
+            "input_dropout": input_dropout,
+        }
         layers: list[nn.Module] = [nn.Flatten()]  # 1x28x28 image -> 784 pixels in a row
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))

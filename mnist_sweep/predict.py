@@ -2,6 +2,7 @@
 
     python -m mnist_sweep.predict photo.jpg scan.png ...           # the champion: models:/mnist-mlp@champion
     python -m mnist_sweep.predict --model runs:/<run id>/model 7.png
+    python -m mnist_sweep.predict --trust-pickle 7.png              # also a pickled model (it may run code)
 
 Each image - a photo or scan of one handwritten digit: dark ink on light paper or light on dark, any size,
 off-centre, slightly rotated, RGB or grey, JPEG or PNG - goes through MNIST's own preprocessing (``prepare``):
@@ -239,8 +240,9 @@ def default_model() -> tuple[str, str]:
     return uri, tracking.champion_uri(defaults.mlflow.registered_model)
 
 
-def load(model_uri: str, tracking_uri: str):
-    """The model behind ``model_uri``; a one-line UserError that says how to get one when there is none."""
+def load(model_uri: str, tracking_uri: str, trust_pickle: bool = False):
+    """The model behind ``model_uri``; a one-line UserError that says how to get one when there is none, or why
+    it is refused (a model that would run code from the store, unless ``trust_pickle``: ``tracking.load_model``)."""
     import mlflow
 
     tracking.quiet()
@@ -257,12 +259,14 @@ def load(model_uri: str, tracking_uri: str):
         tracking.check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        return tracking.load_model(model_uri)
+        return tracking.load_model(model_uri, trust_pickle=trust_pickle)
     except tracking.NoModelError as e:
         if model_uri.startswith("models:/") and "@" in model_uri:
             name = model_uri.removeprefix("models:/")
             raise UserError(f"no model registered as {name} in {tracking_uri}; {make_one}") from None
         raise UserError(str(e)) from e
+    except UserError:
+        raise
     except Exception as e:  # a path that holds no model, a damaged one
         raise UserError(f"cannot load {model_uri}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
@@ -282,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files, one digit each")
     parser.add_argument("--model", default=champion, help=f"an MLflow model URI or folder (default: {champion})")
     parser.add_argument("--tracking-uri", default=tracking_uri, help=f"the MLflow store (default: {tracking_uri})")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also load pickled models (mlflow.model_format=pickle): they run whatever code their files hold, so "
+        "only if you trust whoever can write the store",
+    )
     args = parser.parse_args(argv)
     try:
-        model = load(args.model, args.tracking_uri)
+        model = load(args.model, args.tracking_uri, args.trust_pickle)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

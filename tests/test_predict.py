@@ -126,7 +126,7 @@ def tiny_champion(tmp_path, monkeypatch):
     tracking.Run(run.info.run_id).log_metrics({"best_val/acc": 0.5})
     torch.manual_seed(0)
     classifier = model.Classifier(model.MLP(hidden=8, depth=1), 0.1307, 0.3081).eval()
-    tracking.Run(run.info.run_id).log_model(classifier, np.zeros((1, 1, 28, 28), np.float32), "pickle")
+    tracking.Run(run.info.run_id).log_model(classifier, np.zeros((1, 1, 28, 28), np.float32))
     tracking.register(run.info.run_id, "digits")
     return uri, classifier
 

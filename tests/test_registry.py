@@ -65,13 +65,14 @@ def _trial_run(client, experiment_id: str, val_acc: float, test_acc: float | Non
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def logged(store):
+@pytest.fixture(params=["weights", "pickle"])
+def logged(store, request):
+    """The default format, and pickle (opted in, loaded trusting the store): both take the same images."""
     client, experiment_id, _ = store
     run = client.create_run(experiment_id)
     classifier = _classifier()
-    uri = tracking.Run(run.info.run_id).log_model(classifier, _images(2)[:, None], "pickle")
-    return mlflow.pyfunc.load_model(uri), classifier
+    uri = tracking.Run(run.info.run_id).log_model(classifier, _images(2)[:, None], request.param)
+    return tracking.load_model(uri, trust_pickle=request.param == "pickle"), classifier
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (1, 28, 28), (784,)])
@@ -110,7 +111,7 @@ def test_anything_else_gets_one_clear_line_not_the_array(logged, x, says):
 def test_the_logged_model_carries_raw_uint8_images_as_its_input_example_and_its_scores(store):
     client, experiment_id, _ = store
     run_id = _trial_run(client, experiment_id, 0.97, 0.96)
-    uri = tracking.Run(run_id).log_model(_classifier(), _images(4)[:, None], "pickle")
+    uri = tracking.Run(run_id).log_model(_classifier(), _images(4)[:, None])
     info = mlflow.models.get_model_info(uri)
     assert info.signature is None  # a tensor signature would refuse float64 and the other shapes
     logged = client.get_logged_model(uri.removeprefix("models:/"))
@@ -130,7 +131,7 @@ def test_the_logged_model_carries_raw_uint8_images_as_its_input_example_and_its_
 def test_each_sweep_registers_a_version_and_the_champion_moves_only_when_beaten(store, capsys):
     client, experiment_id, _ = store
     runs = [_trial_run(client, experiment_id, acc, seed=i) for i, acc in enumerate((0.90, 0.95, 0.93, 0.95))]
-    results = [sweep.log_best_model(client, r, "pickle", "digits", f"sweep-{i}") for i, r in enumerate(runs)]
+    results = [sweep.log_best_model(client, r, "weights", "digits", f"sweep-{i}") for i, r in enumerate(runs)]
     assert [(r.version, r.champion) for r in results] == [("1", "1"), ("2", "2"), ("3", "2"), ("4", "2")]
     assert client.get_model_version_by_alias("digits", tracking.CHAMPION).run_id == runs[1]
     out = capsys.readouterr().out
@@ -144,7 +145,7 @@ def test_each_sweep_registers_a_version_and_the_champion_moves_only_when_beaten(
     logged = client.get_logged_model(model_id)
     assert {m.key for m in logged.metrics} == {"best_val/acc", "test/acc", "test/loss"}  # the Models tab shows them
     # A resumed sweep whose best run is already registered adds no version and leaves the champion alone.
-    again = sweep.log_best_model(client, runs[2], "pickle", "digits", "resumed")
+    again = sweep.log_best_model(client, runs[2], "weights", "digits", "resumed")
     assert (again.version, again.champion) == ("3", "2")
     assert len(client.search_model_versions("name = 'digits'")) == 4
     # The champion is the model that was registered: it loads by its alias.
@@ -156,11 +157,11 @@ def test_each_sweep_registers_a_version_and_the_champion_moves_only_when_beaten(
 def test_a_champion_without_a_score_tag_is_judged_by_its_run(store):
     client, experiment_id, _ = store
     strong, weak = (_trial_run(client, experiment_id, acc, seed=i) for i, acc in enumerate((0.99, 0.98)))
-    sweep.log_best_model(client, strong, "pickle", None)  # logged, not registered
+    sweep.log_best_model(client, strong, "weights", None)  # logged, not registered
     assert tracking.Run(strong).model_id() and not client.search_registered_models()
     by_hand = mlflow.register_model(f"models:/{tracking.Run(strong).model_id()}", "digits")  # no score tag
     client.set_registered_model_alias("digits", tracking.CHAMPION, by_hand.version)
-    result = sweep.log_best_model(client, weak, "pickle", "digits")
+    result = sweep.log_best_model(client, weak, "weights", "digits")
     assert (result.version, result.champion, result.previous_score) == ("2", "1", 0.99)
 
 
@@ -203,6 +204,8 @@ def test_a_sweep_on_tiny_data_registers_its_best_trial_as_champion(tmp_path):
     best = max(trials, key=lambda r: r.data.metrics["best_val/acc"])
     assert champion.run_id == best.info.run_id
     assert float(champion.tags["best_val/acc"]) == pytest.approx(best.data.metrics["best_val/acc"], abs=1e-6)
+    folder = client.get_logged_model(champion.source.removeprefix("models:/")).artifact_location.removeprefix("file://")
+    assert tracking.model_kind(folder) == "weights"  # the default format: no pickle, no code
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def _post(url: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_json_of_raw_uint8_images(store, tmp_path):
     client, experiment_id, uri = store
     run_id = _trial_run(client, experiment_id, 0.9)
-    sweep.log_best_model(client, run_id, "pickle", "digits")
+    sweep.log_best_model(client, run_id, "weights", "digits")
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = ["mlflow", "models", "serve", "-m", "models:/digits@champion", "--env-manager", "local", "-p", str(port)]
