@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows eve
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mnist_sweep import UserError, sweep
+from mnist_sweep.redact import mask_secrets
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -72,6 +74,14 @@ def explain(e: BaseException) -> str:
         return f"{where}: {msg}; fix the value on the command line (`python train.py --cfg job` shows the types)"
     if isinstance(e, ConfigCompositionException):
         return text.splitlines()[0] + "; see `python train.py --help`"
+    if _disk_problem(e):
+        fix = (
+            "free space (df -h .) and relaunch"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "run from a folder you can write, or send the outputs elsewhere: hydra.run.dir=DIR "
+            "(hydra.sweep.dir=DIR with -m) and mlflow.tracking_uri=sqlite:////DIR/mlflow.db"
+        )
+        return f"cannot write {e.filename or 'a file'}: {e.strerror}; {fix}"
     first = text.splitlines()[0] if text else ""
     if isinstance(e, ValueError):  # Hydra's own command-line checks
         return f"{first}; see `python train.py --help`"
@@ -111,17 +121,22 @@ def cli(hydra_main) -> None:
             print(f"error: {_failed_line(summary)}", file=sys.stderr)
             _exit_now(1)
         usage = isinstance(e, (UserError, HydraException, OmegaConfBaseException)) or _hydra_usage_error(e)
-        usage = usage or _MISSING_PLUGIN.search(str(e)) is not None
+        usage = usage or _MISSING_PLUGIN.search(str(e)) is not None or _disk_problem(e)
         if not usage or user_wants_traceback:
             raise e
-        print(f"error: {explain(e)}", file=sys.stderr)
+        print(f"error: {mask_secrets(explain(e))}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
 
 
 def fail(e: UserError) -> NoReturn:
     """Print a user's mistake as one line and exit with its code."""
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
     sys.exit(e.exit_code)
+
+
+def _disk_problem(e: BaseException) -> bool:
+    """A full disk or a folder that cannot be written: the machine's state, not a bug, so one line."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _hydra_usage_error(e: BaseException) -> bool:

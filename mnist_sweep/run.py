@@ -84,11 +84,18 @@ def run(cfg: DictConfig) -> float | tuple[float, ...]:
     tracking.quiet()
     sigterm_to_interrupt()
     ctx = check(cfg)
-    if ctx.trial is not None and not ctx.settings.sweep.rerun:
-        reused = _reuse_finished(ctx)
-        if reused is not None:
-            return reused
-        ctx.resume = _interrupted_trial(ctx)
+    while True:
+        if ctx.trial is not None and not ctx.settings.sweep.rerun:
+            reused = _take_turn(ctx)
+            if reused is not None:
+                return reused
+        try:
+            return _train(ctx)
+        except tracking.Discard:  # another launch made a run of this config a moment before: wait for it
+            continue
+
+
+def _train(ctx: Context) -> float | tuple[float, ...]:
     _share_machine(ctx)
 
     loaders, data_seconds, order = boxes_and_belts(ctx.settings, ctx.device)
@@ -98,6 +105,8 @@ def run(cfg: DictConfig) -> float | tuple[float, ...]:
     with tracking.start_run(ctx.experiment_id, _name(ctx), _tags(ctx), _parent(ctx), reopen) as mlrun:
         if ctx.trial is not None:
             ctx.trial.run_id = mlrun.id
+            if not ctx.settings.sweep.rerun and trial.live_claim(ctx.experiment_id, _hash(ctx), me=mlrun.id):
+                raise tracking.Discard
         mlrun.log_params({**params(ctx.cfg, ctx.hc), "trainer.precision": ctx.settings.trainer.precision})
         _log_dataset(ctx, mlrun, loaders)
         fitted, rows = lessons(ctx, net, optimizer, loaders, order, mlrun)
@@ -188,7 +197,7 @@ def _resume_by_id(run_id: str) -> Resume:
 
 def _interrupted_trial(ctx: Context) -> Resume | None:
     """A relaunched sweep continues a trial of the same config that was interrupted, in the same MLflow run."""
-    found = trial.interrupted(ctx.experiment_id, config.config_hash(ctx.cfg))
+    found = trial.interrupted(ctx.experiment_id, _hash(ctx))
     if found is None:
         return None
     path = Path(found.data.tags[trial.RESUME_STATE])
@@ -204,9 +213,27 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def _take_turn(ctx: Context) -> float | tuple[float, ...] | None:
+    """A config is trained once between launches of the same sweep: reuse its FINISHED run, wait while another
+    launch's live process trains it, go on with it where it was interrupted, or (None) train it here."""
+    while True:
+        reused = _reuse_finished(ctx)
+        if reused is not None:
+            return reused
+        claim = trial.live_claim(ctx.experiment_id, _hash(ctx))
+        if claim is None:
+            ctx.resume = _interrupted_trial(ctx)
+            return None
+        trial.wait_for(claim)
+
+
+def _hash(ctx: Context) -> str:
+    return config.config_hash(ctx.cfg)
+
+
 def _reuse_finished(ctx: Context) -> float | tuple[float, ...] | None:
     """Resume: a trial whose config already FINISHED in this experiment is not trained again."""
-    previous = trial.previous_result(ctx.experiment_id, config.config_hash(ctx.cfg))
+    previous = trial.previous_result(ctx.experiment_id, _hash(ctx))
     objectives = ctx.settings.optuna.objectives
     if previous is None or not set(objectives) <= set(previous.data.metrics):
         return None  # (a run logged before one of the objectives was: trained again)

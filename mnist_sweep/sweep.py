@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -39,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_sweep import config as schema
 from mnist_sweep import model, plots, search, slurm, tracking, trial
 from mnist_sweep.redact import mask_hydra_files, mask_secrets, warn_credentials
-from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
+from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, PARENT_ENV, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
 
 log = logging.getLogger("mnist_sweep.sweep")
 
@@ -237,6 +238,7 @@ def start(config: DictConfig) -> Sweep:
     run = client.create_run(
         experiment_id, run_name=name, tags={**tracking.context_tags(), **tags, **tracking.owner_tags()}
     )
+    os.environ[PARENT_ENV] = run.info.run_id  # the trials' processes inherit it: they nest under this launch's run
     parent = tracking.Run(run.info.run_id)
     parent.log_params(
         {

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import sqlite3
 import subprocess
@@ -40,7 +41,8 @@ from urllib.parse import quote, urlencode, urlparse
 from filelock import FileLock
 
 import mnist_sweep
-from mnist_sweep import UserError
+from mnist_sweep import UserError, saved_model
+from mnist_sweep.redact import mask_logs, mask_secrets, mask_values
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,80 @@ class TrackingError(UserError):
     """The tracking store cannot be reached or prepared."""
 
 
+class Discard(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised inside ``start_run`` to take back a run just made (another launch trains the same config): a new
+    run is deleted, a reopened one goes back to KILLED."""
+
+
+class StoreFailed(TrackingError):
+    """The store failed during a run: what was logged is kept, the run is closed FAILED when the store is back."""
+
+    exit_code = 1
+
+
+# How a failing store shows in the messages of what it raises (SQLite, SQLAlchemy, the filesystem, an MLflow
+# server through requests), what that means, and the fix. The first that matches names the problem.
+_STORE_PROBLEMS = (
+    (r"no space left|disk is full|disk quota", "the disk is full", "free space (df -h {place}) and relaunch"),
+    (
+        r"read-only file system|readonly database",
+        "its folder is read-only",
+        "point mlflow.tracking_uri at a writable place, e.g. mlflow.tracking_uri=sqlite:////tmp/mlruns/mlflow.db",
+    ),
+    (
+        r"database is locked",
+        "another process holds the database locked",
+        "let that process finish (or stop it) and relaunch",
+    ),
+    (
+        r"not a database|malformed|file is encrypted",
+        "it is not a readable SQLite database",
+        "move it aside (mv {place} {place}.broken) to start a new store, or restore a backup "
+        "(`sqlite3 {place} .recover` may save its runs)",
+    ),
+    (r"permission denied|unable to open database file", "permission denied", "check who owns {place}"),
+    (
+        r"max retries exceeded|connection refused|failed to establish|connectionerror|timed out|remotedisconnected"
+        r"|connection reset|server closed the connection|could not connect|connection .* failed",
+        "the server does not answer",
+        "start it again (scripts/tracking_server.sh start for the team server) and relaunch",
+    ),
+)
+
+
+def store_problem(e: BaseException, tracking_uri: str) -> str | None:
+    """What went wrong with the store and how to fix it, in a few words, when ``e`` (or what caused it) is a
+    failure of the store; None for anything else."""
+    place = str(sqlite_path(tracking_uri) or tracking_uri)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        module = type(e).__module__.split(".")[0]
+        if isinstance(e, OSError) or module in ("sqlite3", "sqlalchemy", "requests", "urllib3", "psycopg", "mlflow"):
+            text = f"{type(e).__name__}: {e}".lower()
+            for pattern, what, fix in _STORE_PROBLEMS:
+                if re.search(pattern, text):
+                    return f"{what}; {fix.format(place=place)}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def quiet() -> None:
     """MLflow and its database layer log every table migration and experiment creation at INFO: keep the
     run's output to the run's own lines."""
     import mlflow  # noqa: F401  (mlflow sets its own log level when imported: import first, then quieten)
 
-    for name in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+    mask_logs()  # a password in a URI is masked in every log line and traceback
+    for name in ("mlflow", "alembic", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Its "Retrying ..." lines while a server is away: a failure that lasts is reported once, as one line.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    # Its traceback of a database error it then raises: the run reports that failure itself, in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Its "Downloading artifacts" progress bars (e.g. a checkpoint fetched when the sweep ends) are not ours.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor its "View run at" lines, which print the tracking URI with its password: ours print the links.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     warnings.filterwarnings("ignore", module=r"mlflow(\..*)?")
     warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
 
@@ -154,15 +221,49 @@ def prepare(tracking_uri: str, experiment: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         check_server(tracking_uri)
     db = sqlite_path(tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
-    # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
-    # half-made; the lock makes the first access (the switch to WAL and the migrations) one process at a time.
-    with store_lock(tracking_uri):
+    try:
         if db is not None:
-            prepare_sqlite(db)
-        return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
+            db.parent.mkdir(parents=True, exist_ok=True)
+        # Two processes that meet a fresh store both run MLflow's table migrations, and the loser can leave it
+        # half-made; the lock makes the first access (the switch to WAL, the migrations) one process at a time.
+        with store_lock(tracking_uri):
+            if db is not None:
+                _set_aside_half_created(db)
+                prepare_sqlite(db)
+            return _experiment_id(mlflow.MlflowClient(), tracking_uri, experiment)
+    except TrackingError:
+        raise
+    except Exception as e:
+        problem = store_problem(e, tracking_uri)
+        if problem is None:
+            raise
+        raise TrackingError(f"cannot open the MLflow store {tracking_uri}: {problem}") from e
+
+
+def _set_aside_half_created(db: Path) -> None:
+    """A store whose creation was cut short (a full disk, a kill) has tables but not yet the default experiment
+    MLflow creates last, so it never held a run: move it aside (nothing is deleted), and it is created anew."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables or "experiments" in tables and con.execute("SELECT 1 FROM experiments").fetchone():
+                return
+    except sqlite3.DatabaseError:
+        return  # unreadable: prepare names that problem
+    aside = db.with_name(f"{db.name}.half-created-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        part = db.with_name(db.name + suffix)
+        if part.exists():
+            part.rename(aside.with_name(aside.name + suffix))
+    log.warning(
+        "the MLflow store %s was left half-created (its creation was cut short) and held no runs; "
+        "moved it to %s and created it again",
+        db,
+        aside,
+    )
 
 
 def _experiment_id(client, tracking_uri: str, experiment: str) -> str:
@@ -225,6 +326,19 @@ def slurm_tags() -> dict[str, str]:
     return tags
 
 
+IDLE_S = 600  # a RUNNING run of another host that logged nothing for this long has lost its process
+
+
+def run_alive(run, now_ms: float | None = None) -> bool:
+    """Whether a RUNNING run's process still runs: this host's by its pid; another host's (unseen from here) as
+    long as it keeps logging (each epoch logs metrics)."""
+    tags = run.data.tags
+    if tags.get("owner.host") == socket.gethostname():
+        return _owner_alive(tags)
+    stamps = [run.info.start_time or 0, *(m.timestamp for m in run.data._metric_objs)]
+    return (now_ms or time.time() * 1000) - max(stamps) < IDLE_S * 1000
+
+
 def close_orphans(experiment_id: str) -> list[str]:
     """Close as KILLED the RUNNING runs whose owning process is gone, say so, and return their ids.
 
@@ -247,11 +361,19 @@ def close_orphans(experiment_id: str) -> list[str]:
         )
         if not earlier_start and (tags.get("owner.host") != host or _owner_alive(tags)):
             continue
-        client.set_tag(run.info.run_id, "error", f"its process (pid {tags.get('owner.pid')}) ended without closing it")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        status, error = "KILLED", f"its process (pid {tags.get('owner.pid')}) ended without closing it"
+        note = Path(tags.get("hydra.output_dir") or "/nonexistent", UNCLOSED)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            left = json.loads(note.read_text())
+            if left["run_id"] == run.info.run_id:  # it ended on a store failure, and left how to close it
+                status, error = left["status"], left["error"]
+        client.set_tag(run.info.run_id, "error", error)
+        client.set_terminated(run.info.run_id, status=status)
+        with contextlib.suppress(OSError):
+            note.unlink(missing_ok=True)
         closed.append(run.info.run_id)
     if closed:
-        log.warning("closed %d run(s) left RUNNING by a process that was killed: %s", len(closed), ", ".join(closed))
+        log.warning("closed %d run(s) left RUNNING by a process that ended: %s", len(closed), ", ".join(closed))
     return closed
 
 
@@ -313,7 +435,7 @@ class Run:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(self.id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.log_batch(self.id, params=[Param(k, mask_secrets(str(v))[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -324,7 +446,7 @@ class Run:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.id, tags=[RunTag(k, mask_secrets(str(v))) for k, v in tags.items()])
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric ``key`` was logged in this run."""
@@ -336,20 +458,25 @@ class Run:
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.id, str(folder), artifact_path)
 
-    def log_model(self, model, example, serialization: str = "pickle") -> str:
+    def log_model(self, model, example, serialization: str = "weights") -> str:
         """Log the model so that ``mlflow.pyfunc.load_model(uri).predict(images)`` returns class scores, link
         the run's scores (``MODEL_METRICS``) to it, and return its URI (``models:/<model id>``).
 
-        ``pickle`` (with this package's code copied beside it, so it loads anywhere) costs ~0.5 s the first
-        time in a process; ``pt2`` (torch.export: no code needed, no pickle) ~2.2 s, mostly importing and
-        tracing torch.export - a large share of a short run.
+        ``weights`` (the default): the weights as plain arrays and the net's arguments as JSON, loaded by this
+        package's ``saved_model`` module (``mlflow.pyfunc`` with a ``loader_module``, no code copied): loading it
+        unpickles nothing and runs no code from the store. ``pt2``: torch.export's traced graph through
+        ``mlflow.pytorch`` (~2 s more per run). ``pickle``: ``mlflow.pytorch``'s pickle of the whole module, with
+        this package's code copied beside it - loading it runs whatever code its files hold, so it trusts
+        whoever can write the store; an explicit opt-in only. docs/PREDICT.md has each one's cost.
 
-        A pickled model is logged without a signature: a tensor signature names one dtype and one rank, and
-        MLflow refuses every other input (float64 against float32, [N,28,28] against [N,1,28,28]) before the
-        model sees it. ``model.Classifier`` checks its input itself, accepts images as users have them (uint8
-        0..255 or float 0..1, [N,28,28], [N,1,28,28] or [N,784]) and refuses the rest in one line. A ``pt2``
-        model is a traced graph: it takes exactly its signature, float32 [N,1,28,28] in 0..1.
+        A ``weights`` or ``pickle`` model is logged without a signature: a tensor signature names one dtype and
+        one rank, and MLflow refuses every other input (float64 against float32, [N,28,28] against [N,1,28,28])
+        before the model sees it. ``model.Classifier`` checks its input itself, accepts images as users have them
+        (uint8 0..255 or float 0..1, [N,28,28], [N,1,28,28] or [N,784]) and refuses the rest in one line. A
+        ``pt2`` model is a traced graph: it takes exactly its signature, float32 [N,1,28,28] in 0..1.
         """
+        import tempfile
+
         import mlflow
         import numpy as np
         import torch
@@ -357,12 +484,28 @@ class Run:
 
         model = model.cpu().eval()
         example = np.asarray(example, dtype=np.float32)
-        if serialization == "pickle":
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        if serialization != "pt2":
             # The input example users see (and serving_input_example.json): raw uint8 images, [N,28,28].
             signature, example = False, (example[:2] * 255).round().astype(np.uint8).reshape(-1, 28, 28)
         else:
             with torch.no_grad():
                 signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        if serialization == "weights":
+            with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    loader_module=saved_model.LOADER,
+                    data_path=str(saved_model.save(model, Path(tmp) / "classifier")),
+                    input_example=example,
+                    # Given explicitly: inferring them loads the model again in a subprocess (seconds per run).
+                    # mnist_sweep itself is not among them: it is not on PyPI (a package of that name there
+                    # would be someone else's code); where the model loads, this package must be installed.
+                    pip_requirements=[*requirements, f"numpy=={np.__version__}"],
+                )
+            self.set_tags({MODEL_LOGGED: "true"})
+            self.link_metrics(info.model_id)
+            return info.model_uri
         pytorch_log = logging.getLogger("mlflow.pytorch")
         level = pytorch_log.level
         pytorch_log.setLevel(logging.ERROR)  # its pickle advice is answered by the docstring above
@@ -374,8 +517,7 @@ class Run:
                     signature=signature,
                     input_example=example,
                     serialization_format=serialization,
-                    # Given explicitly: inferring them loads the model again in a subprocess (seconds per run).
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                    pip_requirements=requirements,
                     code_paths=[str(Path(__file__).parent)] if serialization == "pickle" else None,
                 )
         finally:
@@ -513,15 +655,117 @@ def register(run_id: str, name: str, tags: dict[str, Any] | None = None) -> Regi
     return Registration(name, number, score, number if better else previous, previous, previous_score)
 
 
-def load_model(uri: str):
-    """``mlflow.pyfunc.load_model(uri)``; a missing registered model or alias is a one-line NoModelError."""
+class UntrustedModelError(UserError):
+    """A model whose loading would unpickle or run code from the store: refused unless trusted explicitly."""
+
+
+def model_kind(folder: str | Path) -> str:
+    """What a downloaded MLflow model folder holds, judged from its MLmodel alone (YAML, nothing run): ``weights``
+    (``saved_model``: no pickle, no code) or ``pt2`` (``mlflow.pytorch``'s torch.export archive, which
+    ``load_model`` has MLflow check for pickles); an UntrustedModelError for anything else (a pickle, code paths
+    shipped with the model, another loader)."""
+    import yaml
+
+    folder = Path(folder)
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+    except FileNotFoundError:
+        raise UntrustedModelError(f"{folder} holds no MLmodel: not an MLflow model") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UntrustedModelError(f"{folder / 'MLmodel'} is not YAML ({type(e).__name__}): damaged") from None
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    if not isinstance(pyfunc, dict):
+        raise UntrustedModelError(f"{folder / 'MLmodel'} has no python_function flavor")
+    loader, data = pyfunc.get("loader_module"), str(pyfunc.get("data") or "")
+    trust = (
+        "loading it runs whatever code its files hold; only if you trust whoever can write the store: --trust-pickle"
+    )
+    weights = folder / data
+    pt2 = (weights / "model.pt2").is_file() and not (weights / "model.pth").exists()
+    if loader == "mlflow.pytorch" and not pt2:
+        raise UntrustedModelError(f"the model is a pickle (mlflow.pytorch): {trust}")
+    if pyfunc.get("code") or (isinstance(flavors.get("pytorch"), dict) and flavors["pytorch"].get("code")):
+        raise UntrustedModelError(f"the model ships Python code (code paths): {trust}")
+    if loader == saved_model.LOADER and ".." not in Path(data).parts and not Path(data).is_absolute():
+        return "weights"
+    if loader == "mlflow.pytorch":
+        return "pt2"
+    raise UntrustedModelError(f"the model loads through {loader!r}, not mnist_sweep's weights-only loader: {trust}")
+
+
+def download_model(uri: str, dst: str | Path) -> tuple[Path, str]:
+    """Copy the model behind ``uri`` into the folder ``dst`` once its MLmodel is checked (``model_kind``; nothing
+    is copied when it would run code): the copy and its kind. A checked copy is what to serve:
+    ``mlflow models serve -m DST --env-manager local``."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mnist-sweep-model-") as tmp:
+        local, kind = _download_checked(uri, tmp)
+        shutil.copytree(local, dst, dirs_exist_ok=True)
+    return Path(dst), kind
+
+
+def _download_checked(uri: str, dst: str) -> tuple[Path, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pyfunc.load_model(uri)
+        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
     except MlflowException as e:
         raise NoModelError(f"cannot load {uri}: {str(e).splitlines()[0][:300]}") from e
+    try:
+        return local, model_kind(local)
+    except UntrustedModelError as e:
+        raise UntrustedModelError(f"refusing {uri}: {e}") from None
+
+
+def load_model(uri: str, trust_pickle: bool = False):
+    """The ``mlflow.pyfunc`` model behind ``uri``, loaded only when its files cannot run code: downloaded and its
+    MLmodel checked (``model_kind``: this package's weights-only format, or a pt2 archive that MLflow then
+    checks for pickles), then loaded from that checked copy. ``trust_pickle=True`` loads anything MLflow loads
+    (a pickled model runs whatever code its files hold: it trusts whoever can write the store).
+
+    A missing registered model or alias is a one-line NoModelError, a model that would run code an
+    UntrustedModelError, damaged weights ``saved_model.ModelFileError``."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if trust_pickle:
+        try:
+            return mlflow.pyfunc.load_model(uri)
+        except MlflowException as e:
+            raise NoModelError(f"cannot load {uri}: {str(e).splitlines()[0][:300]}") from e
+    tmp = tempfile.mkdtemp(prefix="mnist-sweep-model-")
+    try:
+        local, kind = _download_checked(uri, tmp)
+        if kind == "weights":
+            # Plain arrays read by this package: MLflow's check of the installed packages against the model's
+            # requirements (a scan of every installed file, ~1 s a process) has nothing to protect here.
+            return mlflow.pyfunc.load_model(str(local), suppress_warnings=True)
+        with _environment(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"):  # MLflow checks the pt2 archive
+            return mlflow.pyfunc.load_model(str(local))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextmanager
@@ -541,36 +785,78 @@ def start_run(
     import mlflow
 
     client = mlflow.MlflowClient()
-    tags = {**context_tags(), **tags, **owner_tags()}
+    tags = mask_values({**context_tags(), **tags, **owner_tags()})
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}
     if reopen is None:
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=mask_secrets(run_name), tags=tags)
     else:
         client.update_run(reopen, status="RUNNING")
         Run(reopen).set_tags(tags)  # its new owner (this process) and, in a sweep, its new parent
         run = client.get_run(reopen)
         if "error" in run.data.tags:  # what ended it before is not its story any more
             client.delete_tag(reopen, "error")
-    status = "FAILED"
+    status, tried = "FAILED", False
     try:
         yield Run(run.info.run_id)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (scancel), or submitit's exit on preemption
         status = "KILLED"
         raise
+    except Discard:
+        tried = True
+        client.set_terminated(run.info.run_id, status="KILLED")
+        if reopen is None:
+            client.delete_run(run.info.run_id)
+        raise
     except BaseException as e:
+        problem = store_problem(e, mlflow.get_tracking_uri())
+        if problem is not None:  # the store (or the disk) failed: one line, and no more waiting on it than once
+            what = f"the MLflow store {mlflow.get_tracking_uri()} failed"
+            if isinstance(e, OSError) and e.filename:
+                what = f"cannot write {e.filename}"
+            tried = True
+            closed = _close(client, run.info.run_id, status, tags, f"{what}: {problem}")
+            after = "" if closed else "; the next command closes it FAILED once the store is back"
+            raise StoreFailed(f"{what} during run {run.info.run_id}: {problem}; what was logged is kept{after}") from e
         try:
-            client.set_tag(run.info.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-            client.log_text(run.info.run_id, traceback.format_exc(), "traceback.txt")
-        except Exception:  # the store itself may be what failed; the status below matters more
+            client.set_tag(run.info.run_id, "error", mask_secrets(f"{type(e).__name__}: {e}")[:5000])
+            client.log_text(run.info.run_id, mask_secrets(traceback.format_exc()), "traceback.txt")
+        except Exception:  # the status below matters more
             pass
         raise
     finally:
-        try:
-            client.set_terminated(run.info.run_id, status=status)
-        except Exception as e:
-            log.error("could not mark MLflow run %s %s: %s", run.info.run_id, status, e)
+        if not tried and not _close(client, run.info.run_id, status, tags):
+            log.error("could not mark MLflow run %s %s", run.info.run_id, status)
+
+
+UNCLOSED = "mlflow_run_unclosed.json"  # in a run's output folder: how to close it, when its store could not
+
+
+def _close(client, run_id: str, status: str, tags: dict[str, str], error: str | None = None) -> bool:
+    """End the run with ``status`` (and its ``error``), trying a server once; where the store cannot be
+    reached, leave that note in the run's folder for ``close_orphans``. Whether it is closed."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    retries = os.environ.get(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
+    error = mask_secrets(error) if error else error  # it may name the store's URI
+    try:
+        if error:
+            client.set_tag(run_id, "error", error[:5000])
+        client.set_terminated(run_id, status=status)
+        return True
+    except Exception:
+        folder = tags.get("hydra.output_dir")
+        if folder and error:
+            with contextlib.suppress(OSError):
+                Path(folder, UNCLOSED).write_text(json.dumps({"run_id": run_id, "status": status, "error": error}))
+        return False
+    finally:
+        if retries is None:
+            os.environ.pop(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
+        else:
+            os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = retries
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -629,19 +915,25 @@ def sibling_named(experiment_id: str, parent_id: str, name: str) -> bool:
 
 
 def ui_base(ui_url: str | None, tracking_uri: str) -> str:
-    """Where the MLflow UI is: ``mlflow.ui_url``, else the tracking server, else ``mlflow ui``'s own address."""
+    """Where the MLflow UI is: ``mlflow.ui_url``, else the tracking server, else ``mlflow ui``'s own address (a
+    login in the URL left out: the browser asks for it)."""
     if ui_url:
-        return ui_url.rstrip("/")
+        return _without_login(ui_url).rstrip("/")
     if urlparse(tracking_uri).scheme in ("http", "https"):
-        return tracking_uri.rstrip("/")
+        return _without_login(tracking_uri).rstrip("/")
     return "http://127.0.0.1:5000"
+
+
+def _without_login(url: str) -> str:
+    parts = urlparse(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else url
 
 
 def serve_hint(ui_url: str | None, tracking_uri: str) -> str:
     """How to start the UI our links open, for a local store (a tracking server serves its own)."""
     if ui_url or urlparse(tracking_uri).scheme in ("http", "https"):
         return ""
-    return f"  (start it: mlflow ui --backend-store-uri {tracking_uri})"
+    return f"  (start it: mlflow ui --backend-store-uri {mask_secrets(tracking_uri)})"
 
 
 def _ml_view(base: str, route: str, **params: str) -> str:

@@ -4,7 +4,8 @@ The launching side (``sweep.py``) creates the parent run before any trial starts
 absolute sweep folder. A trial, through ``run.py``:
 
 * finds that parent by the folder (``join``) and nests its own run under it;
-* skips itself when the same config already FINISHED in the experiment (``previous_result``: resume);
+* skips itself when the same config already FINISHED in the experiment (``previous_result``: resume), and
+  waits when another launch is training it now (``live_claim``, ``wait_for``): each config is trained once;
 * takes its share of the machine when trials run side by side (``trial_threads``, ``trial_device``);
 * records its outcome on the parent when it ends (``record``, Hydra's ``on_job_end``), so the launcher's
   leaderboard needs no access to the trial's process.
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ SWEEP_DIR = "hydra.sweep.dir"  # absolute path: the parent and every trial carry
 TRIAL_PREFIX = "trial."  # parent tag per trial: JSON outcome
 OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation accuracy)
 OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
+PARENT_ENV = "MNIST_SWEEP_PARENT_RUN"  # set by the launcher: the id of its sweep's parent run
 RESUME_STATE = "resume.state"  # tag: the file a run saves its training state to at each epoch's end
 
 
@@ -105,11 +108,15 @@ _TRIAL: Trial | None = None
 
 
 def find_parent(experiment_id: str, folder: str):
-    """The RUNNING sweep run whose ``hydra.sweep.dir`` is ``folder`` (newest first), or None."""
+    """The RUNNING sweep run of this launch (``PARENT_ENV``, which its processes inherit), else the newest
+    RUNNING one whose ``hydra.sweep.dir`` is ``folder``, or None."""
     import mlflow
     from mlflow.entities import ViewType
 
     client = mlflow.MlflowClient()
+    own = tracking.find_run(os.environ.get(PARENT_ENV, ""))
+    if own is not None and own.info.status == "RUNNING" and own.data.tags.get(SWEEP_DIR) == folder:
+        return own
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{ROLE}` = 'sweep' and attributes.status = 'RUNNING'",
@@ -157,6 +164,40 @@ def interrupted(experiment_id: str, config_hash: str):
         max_results=20,
     )
     return next((r for r in runs if Path(r.data.tags.get(RESUME_STATE, "")).is_file()), None)
+
+
+CLAIM_POLL_S = 2.0  # how often a trial waiting for another launch's run of its config looks again
+
+
+def live_claim(experiment_id: str, config_hash: str, me: str | None = None):
+    """The run that has claimed this config: the earliest RUNNING run of it whose process is alive, if that is
+    not ``me``. Two launches that create runs of one config at the same moment agree on which came first."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"
+    )
+    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        if run.info.run_id == me:
+            return None
+        if tracking.run_alive(run):
+            return run
+    return None
+
+
+def wait_for(claim) -> None:
+    """Wait until another launch's run of this config ends (or its process is gone)."""
+    import mlflow
+
+    tags = claim.data.tags
+    log.info(
+        "the same config is being trained by another launch (mlflow run %s, pid %s on %s): waiting for it",
+        *(claim.info.run_id, tags.get("owner.pid", "?"), tags.get("owner.host", "?")),
+    )
+    client = mlflow.MlflowClient()
+    while claim.info.status == "RUNNING" and tracking.run_alive(claim):
+        time.sleep(CLAIM_POLL_S)
+        claim = client.get_run(claim.info.run_id)
 
 
 def record(config: DictConfig, job_return) -> None:
