@@ -18,7 +18,7 @@ CONF_DIR = REPO / "conf"
 RECORDS = Path(__file__).resolve().parent / "records"
 # The blocks of docs/BENCHMARKS.md, in the order they appear: each written by its benchmark, the last by hand.
 BENCHMARKS_MD = DOCS / "BENCHMARKS.md"
-BLOCKS = ("speed", "startup", "augment", "denormal", "retired")
+BLOCKS = ("speed", "speed-avx2", "presets", "startup", "augment", "denormal", "retired")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -52,6 +52,8 @@ def cpu() -> dict:
     the kernels torch picked (``torch.backends.cpu.get_cpu_capability()``) and the cores this process may use."""
     import torch
 
+    from mnist_sweep import training
+
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     try:
@@ -61,8 +63,9 @@ def cpu() -> dict:
     return {
         "model": info.get("model name") or platform.processor() or "unknown CPU",
         "flags": [f for f in FLAGS if f in flags],
-        "bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "bf16_native": training.native_bf16(torch.device("cpu"), flags),
         "capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "cores": cores,
     }
 
@@ -78,9 +81,10 @@ def machine() -> str:
     """One line: CPU model, flags, bf16, torch's kernels, cores, OS, and the GPU if any."""
     c = cpu()
     flags = ", ".join(c["flags"]) or "none of " + "/".join(FLAGS)
-    bf16 = "bf16 native" if c["bf16_native"] else "bf16 emulated (no AVX-512 BF16 or AMX)"
+    bf16 = "bf16 native" if c["bf16_native"] else "bf16 emulated (no AVX-512 BF16 or AMX in use)"
+    held = f"; held to {c['onednn_isa']} by ONEDNN_MAX_CPU_ISA" if c["onednn_isa"] else ""
     return (
-        f"{c['model']} ({flags}; {bf16}; torch CPU kernels {c['capability']}), {c['cores']} cores, "
+        f"{c['model']} ({flags}{held}; {bf16}; torch CPU kernels {c['capability']}), {c['cores']} cores, "
         f"{platform.system()} {platform.release()}; GPU: {gpu() or 'none'}"
     )
 

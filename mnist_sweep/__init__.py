@@ -8,13 +8,15 @@ The pipeline, one module per step, in the order a run happens (``run.py`` calls 
     model.py     the student: a feedforward net of any width and depth
     training.py  the lessons and the exams: the train/evaluate loop
     tracking.py  the lab notebook: the one module that talks to MLflow
+    saved_model.py  the model as MLflow keeps it: weights and JSON, loaded without running any code
     run.py       the task, step by step: the one module that reads Hydra's state; train.py calls it
     cli.py       the command line: one line for every mistake, exit codes
 
 A sweep: sweep.py is the launcher's side (parent run, leaderboard), trial.py each trial's side (joining it,
-resume, dividing the machine), slurm.py checks a SLURM cluster before any job is submitted. search.py is what this
-app adds to an Optuna search (per-epoch pruning, the best config as a preset; the sweeper itself is
-hydra_plugins/mnist_sweep_optuna); plots.py draws the pictures. Measurements live outside, in benchmarks/.
+resume, a config trained once between launches, dividing the machine), slurm.py checks a SLURM cluster before any
+job is submitted. search.py is what this app adds to an Optuna search (per-epoch pruning, the best config as a
+preset; the sweeper itself is hydra_plugins/mnist_sweep_optuna); plots.py draws the pictures; redact.py masks
+passwords. Measurements live outside, in benchmarks/.
 """
 
 __version__ = "0.1.0"

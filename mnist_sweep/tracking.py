@@ -10,12 +10,14 @@ One MLflow run per Hydra job. What it records, and why:
 * tags    - source and user (as ``mlflow.start_run`` sets them), git commit and dirtiness, library versions,
             device, a hash of the resolved config;
 * artifacts - the resolved config and Hydra's ``.hydra/`` folder, the per-epoch log, the confusion matrix,
-            the checkpoint with its config beside it, and the model (``mlflow.pytorch.log_model``).
+            the checkpoint with its config beside it, and the model (``Run.log_model``: by default weights and
+            JSON, loaded without unpickling anything; see ``saved_model``).
 
 A run that raises ends FAILED (reason in the ``error`` tag, traceback as ``traceback.txt``); one interrupted
-(Ctrl-C, SIGTERM) ends KILLED. A process killed outright (kill -9, out of memory) cannot close its run: every
-run carries its owner's host, pid and process start time, and the next launch closes runs whose owner is gone
-as KILLED (``close_orphans``), so none stays RUNNING for ever.
+(Ctrl-C, SIGTERM) ends KILLED; one whose store fails ends in one line (``store_problem``, ``StoreFailed``). A
+process killed outright (kill -9, out of memory), or cut off from its store, cannot close its run: every run carries
+its owner's host, pid and process start time, and the next command closes runs whose owner is gone
+(``close_orphans``: KILLED, or FAILED where the process left a note why), so none stays RUNNING for ever.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -178,12 +179,20 @@ def cpu_flags() -> set[str]:
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
-def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
-    """Whether ``device`` computes in bf16 at full speed: CUDA GPUs that support it, CPUs with the flags above."""
+# oneDNN, which runs torch's bf16 matmuls on a CPU, can be held below the CPU's level (ONEDNN_MAX_CPU_ISA): at
+# these levels it emulates bf16 (measured on a Xeon with AMX: AVX2 250x, AVX512_CORE 5x slower than fp32).
+ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def native_bf16(device: torch.device, flags: set[str] | None = None, env: dict[str, str] | None = None) -> bool:
+    """Whether ``device`` computes in bf16 at full speed: CUDA GPUs that support it; CPUs with the flags above,
+    unless oneDNN is told to stay below them."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+        env = os.environ if env is None else env
+        isa = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").upper()
+        return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags)) and isa not in ONEDNN_BELOW_BF16
     return False  # mps and the rest: fp32 is the safe choice
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import augment, common, denormal, search, speed, sweeps
+from benchmarks import augment, common, denormal, presets, search, speed, sweeps
 from conftest import REPO, make_dataset
-from mnist_sweep import model
+from mnist_sweep import model, training
 
 # --------------------------------------------------------------------------------------------------------------
 # The boundary: the library knows nothing of the benchmarks, the benchmarks use only its public names
@@ -176,6 +176,19 @@ def test_speed_quick_writes_its_block_and_keeps_the_others(tmp_path, mnist_root)
     assert "torch " + torch.__version__ in text and torch.backends.cpu.get_cpu_capability() in text
     assert "--quick smoke mode" in text
     assert "GFLOP/s" in text and "samples/s" in text
+
+
+def test_presets_times_each_preset_as_the_cpu_is_and_held_to_avx2(tmp_path, mnist_root):
+    """Held to AVX2 (oneDNN and torch's kernels, in the child process) bf16 is emulated, so auto picks fp32."""
+    out = tmp_path / "BENCHMARKS.md"
+    args = ["--presets", "speedrun", "--epochs", "1", "--data-root", str(mnist_root), "--out", str(out)]
+    assert presets.main(args) == 0
+    text = out.read_text()
+    assert "python -m benchmarks.presets --presets speedrun --epochs 1" in text and "Machine: " in text
+    rows = [line for line in text.splitlines() if line.startswith("| `speedrun`")]
+    assert len(rows) == 2 and "| held to AVX2 | fp32 |" in rows[1]
+    native = "bf16" if training.native_bf16(torch.device("cpu")) else "fp32"
+    assert f"| this CPU | {native} |" in rows[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -43,3 +43,12 @@ def test_auto_is_the_default_and_unknown_values_are_refused():
     assert config.TrainerConfig().precision == "auto"
     with pytest.raises(config.ConfigError, match=r"trainer.precision=fp16 is invalid: choose auto, fp32 or bf16"):
         config.TrainerConfig(precision="fp16")
+
+
+@pytest.mark.parametrize(("isa", "native"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True)])
+def test_onednn_held_below_bf16_counts_as_emulated(isa, native):
+    """ONEDNN_MAX_CPU_ISA keeps oneDNN (torch's CPU matmuls) below the CPU's level: bf16 is emulated there."""
+    assert training.native_bf16(CPU, AMX, {"ONEDNN_MAX_CPU_ISA": isa}) is native
+    assert training.native_bf16(CPU, AMX, {"DNNL_MAX_CPU_ISA": isa}) is native  # its older name
+    assert training.native_bf16(CPU, AMX, {}) is True
+    assert training.native_bf16(CPU, AVX2_ONLY, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}) is False

@@ -234,9 +234,10 @@ def test_mlflow_models_serve_answers_json_of_raw_uint8_images(store, tmp_path):
     run_id = _trial_run(client, experiment_id, 0.9)
     sweep.log_best_model(client, run_id, "weights", "digits")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    bin_dir = os.path.dirname(sys.executable)  # mlflow starts `uvicorn` by name: the venv's, as when it is active
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     command = ["mlflow", "models", "serve", "-m", "models:/digits@champion", "--env-manager", "local", "-p", str(port)]
-    command[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    command[0] = os.path.join(bin_dir, "mlflow")
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
