@@ -162,3 +162,26 @@ def test_an_unreachable_study_storage_is_one_line_before_any_trial(tmp_path):
     assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and "scripts/tracking_server.sh start" in lines[0]
     assert "Traceback" not in proc.stderr and "Connection refused" in lines[0]
     assert not list(tmp_path.rglob(".hydra"))  # no trial ran
+
+
+def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_again(tmp_path, monkeypatch):
+    """Two launchers meeting a new PostgreSQL database both create Optuna's tables; the loser's CREATE fails on
+    the catalogue (seen once in this file's PostgreSQL test): it opens the storage again, once made."""
+    from hydra_plugins.mnist_sweep_optuna import _impl
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise RuntimeError('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    assert isinstance(_impl._open_storage(url, None), real) and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: calls.append(url) or 1 / 0)
+    with pytest.raises(_impl.SearchError, match="cannot open the study database"):  # anything else: one line
+        _impl._open_storage(url, None)
+    assert len(calls) == 1

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -722,23 +723,30 @@ def _open_storage(url: str, requeue):
     elif url.startswith("sqlite:"):
         kwargs["connect_args"] = {"timeout": 60}  # launchers sharing one file wait for each other's writes
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=requeue,
-            )
-    except Exception as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise SearchError(
-            f"hydra.sweeper.storage={url}: cannot open the study database ({type(e).__name__}: "
-            f"{reason[0] if reason else ''}); start the database server (scripts/tracking_server.sh start) or fix"
-            " the URL (sqlite:///optuna.db needs nothing)"
-        ) from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=requeue,
+                )
+        except Exception as e:
+            # Launchers that meet a new database create its tables at the same moment; the loser's CREATE fails
+            # on PostgreSQL's catalogue (duplicate key, already exists): the tables are there now, open it again.
+            if attempt < 2 and re.search(r"already exists|duplicate key|pg_type_typname", str(e)):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()
+            raise SearchError(
+                f"hydra.sweeper.storage={url}: cannot open the study database ({type(e).__name__}: "
+                f"{reason[0] if reason else ''}); start the database server (scripts/tracking_server.sh start) or"
+                " fix the URL (sqlite:///optuna.db needs nothing)"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _state(name: str):
