@@ -266,3 +266,17 @@ def tiny_fit(root, cache, *, seed=0, epochs=3, precision="fp32", lr=3e-3, depth=
         **fit_args,
     )
     return result, training.evaluate(net, loaders.test, torch.device("cpu"), precision=precision), seen
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh SQLite store in tmp_path, artifacts beside it (MLflow puts them under the working folder):
+    (client, experiment id, tracking URI)."""
+    import mlflow
+
+    from mnist_sweep import tracking
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    experiment_id = tracking.prepare(uri, "tests")
+    return mlflow.MlflowClient(uri), experiment_id, uri

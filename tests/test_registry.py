@@ -24,15 +24,6 @@ from conftest import make_dataset, train_py
 from mnist_sweep import model, sweep, tracking
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite store in tmp_path, artifacts beside it (MLflow puts them under the working folder)."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    experiment_id = tracking.prepare(uri, "registry")
-    yield mlflow.MlflowClient(uri), experiment_id, uri
-
-
 def _classifier(seed: int = 0) -> model.Classifier:
     torch.manual_seed(seed)
     return model.Classifier(model.MLP(hidden=8, depth=1), 0.1307, 0.3081).eval()

@@ -20,14 +20,6 @@ from mnist_sweep import config, model, predict, saved_model, tracking
 FIXTURES = Path(__file__).parent / "fixtures" / "digits"
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    experiment_id = tracking.prepare(uri, "saved")
-    return mlflow.MlflowClient(uri), experiment_id, uri
-
-
 def _classifier(**args) -> model.Classifier:
     torch.manual_seed(0)
     net = model.build(**{"hidden": 8, "depth": 1, **args})
