@@ -7,10 +7,10 @@
 Each image - a photo or scan of one handwritten digit: dark ink on light paper or light on dark, any size,
 off-centre, slightly rotated, RGB or grey, JPEG or PNG - goes through MNIST's own preprocessing (``prepare``):
 
-1. find the ink: the paper's slow changes of light are taken away (a morphological opening, wider than any
-   stroke, gives the paper), the ink's side (darker or lighter than the paper) is the one with the strongest
-   strokes, and Otsu's threshold tells ink from the paper's grain; specks and what touches the border (the
-   table, a shadow) are left out;
+1. find the ink: its side (darker or lighter than the paper) is told by the way the grey levels lean (skew);
+   the paper's slow changes of light are taken away (a grey-level closing, wider than any stroke, gives the
+   paper), and Otsu's threshold tells ink from the paper's grain; specks and any part along more than half of a
+   side (the sheet's edge, the table, a shadow) are left out;
 2. crop to it, and fit it in 20x20 keeping its aspect ratio, anti-aliased, strokes at least MNIST's width;
 3. centre it by its centre of mass in 28x28;
 
