@@ -409,11 +409,15 @@ def _saver(ctx: Context, order: torch.Generator, mlrun: tracking.Run):
 
     def save(snapshot: dict) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save({**snapshot, "order": order.get_state(), "config": saved_config}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({**snapshot, "order": order.get_state(), "config": saved_config}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, or a signal mid-write: the last whole state stays, no half file
+            tmp.unlink(missing_ok=True)
+            raise
 
     return save
 

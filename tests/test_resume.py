@@ -160,3 +160,47 @@ def test_a_relaunched_sweep_continues_its_interrupted_trial(tmp_path):
     (resumed,) = trials
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
     assert [step for step, _ in _history(store, resumed.info.run_id)] == [1, 2, 3, 4]
+
+
+def _half_a_zip(obj, f, *args, **kwargs):
+    f.write(b"PK\x03\x04 the first bytes of a state")  # torch.save's zip, cut short
+    raise KeyboardInterrupt  # SIGTERM (a preemption, scancel) arrives as one, in the middle of the write
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize(("where", "broken"), [("torch.save", _half_a_zip), ("os.fsync", _disk_full),
+                                               ("os.replace", _disk_full)])  # fmt: skip
+def test_a_save_that_fails_midway_leaves_the_last_state_whole(tmp_path, monkeypatch, where, broken):
+    """The state saved at each epoch's end is written whole or not at all: a write that fails at any point
+    leaves the previous state loadable and no temporary file behind."""
+    import os
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mnist_sweep import run, trial
+
+    settings = SimpleNamespace(data=SimpleNamespace(root=str(tmp_path / "data")))
+    ctx = SimpleNamespace(
+        resume=None, out_dir=tmp_path, cfg=OmegaConf.create({"data": {"root": "data"}}), settings=settings
+    )
+    tags = {}
+    save = run._saver(ctx, torch.Generator().manual_seed(0), SimpleNamespace(set_tags=tags.update))
+    path = tmp_path / "resume.pt"
+    assert tags == {trial.RESUME_STATE: str(path.resolve())}
+    save({"epoch": 1, "weights": torch.ones(3)})
+
+    module, name = where.split(".")
+    monkeypatch.setattr({"torch": torch, "os": os}[module], name, broken)
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        save({"epoch": 2, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]  # no stray temporary file
+    state = run._load_state(path)
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert state["config"] == {"data": {"root": str(tmp_path / "data")}}
+    save({"epoch": 2, "weights": torch.zeros(3)})  # the next epoch's save works again
+    assert run._load_state(path)["epoch"] == 2
