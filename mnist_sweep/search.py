@@ -3,11 +3,12 @@
 ``python train.py -m hydra/sweeper=optuna`` (conf/hydra/sweeper/optuna.yaml) turns on what the sweeper adds to
 hydra-optuna-sweeper, and this module is what those additions need from the app:
 
-* **pruning** - the task makes one call per epoch: ``r = search.reporter(cfg.optuna, epochs)`` once, then
+* **pruning** - the task makes one call per epoch: ``r = search.reporter(cfg, epochs)`` once, then
   ``if r and r.report(epoch, val_acc): stop``. The sweeper fills ``optuna.*`` (storage, study, trial number,
   pruner) in each trial's config; ``report`` records the epoch's value in the study and says whether the pruner
-  (``median``, ``asha``, ``hyperband``) judges the trial hopeless. A pruned trial is PRUNED in Optuna and tagged
-  ``pruned=true`` on its (FINISHED) MLflow run, never failed;
+  (``median``, ``asha``, ``hyperband``) judges the trial hopeless. Outside a pruning search (a single run, an app
+  whose config has no ``optuna`` section) ``reporter`` returns None and the loop runs every epoch. A pruned trial
+  is PRUNED in Optuna and tagged ``pruned=true`` on its (FINISHED) MLflow run, never failed;
 * **the choice, then the exam** - the best trial's config is written as ``conf/experiment/<best_preset>.yaml``
   (``write_preset``: with what the sweep's own ``experiment=`` preset set, so it stands alone) and run once more
   with ``trainer.test=true``;
@@ -100,12 +101,31 @@ class TrialReporter:
         return False
 
 
-def reporter(o, max_epochs: int) -> TrialReporter | None:
-    """The reporter for this run when it is a trial of a pruning search (the sweeper sets ``optuna.*``)."""
-    if o.trial is None:
+def reporter(cfg: Any, max_epochs: int) -> TrialReporter | None:
+    """The reporter for this run when it is a trial of a pruning search (the sweeper sets ``optuna.*``); None
+    otherwise.
+
+    ``cfg`` is the run's config (its ``optuna`` section is looked up) or that section itself; a config without
+    one, an app that declares none and runs outside a search, or None: no reporter.
+    """
+    o = _get(cfg, "optuna") if _has(cfg, "optuna") else cfg
+    if o is None or _get(o, "trial") is None:
         return None
-    pruner = make_pruner(o.pruner, o.warmup_epochs, o.startup_trials, max_epochs)
-    return TrialReporter(o.storage, o.study, o.trial, pruner)
+    pruner = make_pruner(_get(o, "pruner"), _get(o, "warmup_epochs"), _get(o, "startup_trials"), max_epochs)
+    return TrialReporter(_get(o, "storage"), _get(o, "study"), _get(o, "trial"), pruner)
+
+
+def _has(obj: Any, key: str) -> bool:
+    """Whether a config (DictConfig, dict or the typed dataclass) has ``key``."""
+    if obj is None:
+        return False
+    return key in obj if isinstance(obj, (dict, DictConfig)) else hasattr(obj, key)
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    return obj.get(key) if isinstance(obj, (dict, DictConfig)) else getattr(obj, key, None)
 
 
 def objective_values(metrics: dict[str, float], names: list[str]) -> tuple[float, ...]:

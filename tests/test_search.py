@@ -348,6 +348,26 @@ def test_best_preset_yaml_composes_as_an_experiment(tmp_path):
     assert cfg.seed == 7  # a top-level value, not a config group
 
 
+def test_the_pruning_call_is_a_no_op_outside_a_pruning_search(tmp_path):
+    """`search.reporter(cfg, epochs)` (the call the docs give other apps) with a config that has no optuna
+    section - a bare app run on its own, Hydra's struct config - or one outside a search: no reporter, no error."""
+    bare = OmegaConf.create({"x": 0.5, "trainer": {"epochs": 3}})
+    OmegaConf.set_struct(bare, True)  # as Hydra hands it to the task: cfg.optuna would raise
+    assert search.reporter(bare, 3) is None
+    assert search.reporter(None, 3) is None and search.reporter(bare.get("optuna"), 3) is None
+    ours = _compose(REPO / "conf")  # this project's config, outside a search: optuna.trial is null
+    assert search.reporter(ours, 3) is None and search.reporter(ours.optuna, 3) is None
+    assert search.reporter(config.OptunaTrialConfig(), 3) is None  # run.py passes the typed section
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    number = study.ask().number
+    section = {"storage": storage, "study": "s", "trial": number, "pruner": "none", "warmup_epochs": 1}
+    trial = OmegaConf.create({"x": 0.5, "optuna": {**section, "startup_trials": 5}})
+    r = search.reporter(trial, 3)  # in a trial, the whole config and its section give the same reporter
+    assert r is not None and r.report(1, 0.5) is False and search.reporter(trial.optuna, 3) is not None
+    assert study.trials[0].intermediate_values == {1: 0.5}
+
+
 @pytest.mark.parametrize("name", ["none", "median", "asha", "hyperband"])
 def test_pruners(name):
     assert search.make_pruner(name, 1, 5, 10) is not None
