@@ -3,7 +3,8 @@ Hydra's launcher runs them, and Optuna is told how each ended, until ``n_trials`
 
 What a trial is told: the fixed values (from ``params`` and the command line; the command line wins for a key
 both give), the ``~key`` deletions, and the parameters Optuna chose. The additions (config.py), where an app turns
-them on, also tell it how to report each epoch to the study (``optuna.*``, for pruning) and ``trainer.test=false``.
+them on, also tell it how to report each epoch to the study (``optuna.*``, for pruning) and ``trainer.test=false``
+- added with ``++`` where the app's config does not declare those keys, so an app that declares nothing can opt in.
 
 Optuna is imported inside the functions: Hydra imports this module whenever any app starts.
 """
@@ -463,8 +464,13 @@ class OptunaSweeperImpl(Sweeper):
                 f"{p}optuna.startup_trials={self.startup_trials}",
             ]
         if self.test_best:
-            out.append("trainer.test=false")  # trials are judged on validation only
+            out.append(f"{self._add('trainer.test')}trainer.test=false")  # trials are judged on validation only
         return out
+
+    def _add(self, key: str) -> str:
+        """The prefix that sets ``key`` in the trials' config: none where the app declares it, ``++`` (add it)
+        where it does not - an app that declares nothing can still opt into test_best or pruning."""
+        return "" if OmegaConf.select(self.config, key, default=_ABSENT) is not _ABSENT else "++"
 
     def _tell(self, study, trial, ret: JobReturn, n_values: int, failed: list, app) -> None:
         import optuna
@@ -562,7 +568,7 @@ class OptunaSweeperImpl(Sweeper):
                 folder / f"{self.best_preset}.yaml",
             )
         if self.test_best:
-            final = space.overrides() + self._chosen(best) + ["trainer.test=true"]
+            final = space.overrides() + self._chosen(best) + [f"{self._add('trainer.test')}trainer.test=true"]
             (ret,) = self.launcher.launch([final], initial_job_idx=self.job_idx)
             self.job_idx += 1
             ret.return_value  # noqa: B018  (raises the run's error, if it failed)
@@ -708,6 +714,9 @@ class _Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+_ABSENT = object()
 
 
 def _open_storage(url: str, requeue):
