@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import subprocess
 import sys
 
@@ -146,6 +148,28 @@ def test_a_requeued_slurm_job_closes_its_earlier_start_on_any_node(store, monkey
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert tracking.close_orphans(experiment_id) == [earlier.info.run_id]
     assert {client.get_run(r.info.run_id).info.status for r in (current, other)} == {"RUNNING"}
+
+
+def test_a_continued_run_is_running_again_until_it_ends(store):
+    """The reopen path (resume=RUN_ID, a relaunched sweep, a requeued SLURM job): the interrupted run goes back
+    to RUNNING while it trains, keeps its id and history, loses the old error, and ends FINISHED or KILLED."""
+    client, experiment_id = store
+    run_id = client.create_run(experiment_id, tags={"error": "KeyboardInterrupt: "}).info.run_id
+    client.log_metric(run_id, "val/acc", 0.5, step=1)
+    client.set_terminated(run_id, "KILLED")
+    for ending, interrupted in (("KILLED", True), ("FINISHED", False)):
+        with contextlib.suppress(KeyboardInterrupt):
+            with tracking.start_run(experiment_id, "ignored", {}, reopen=run_id) as run:
+                assert run.id == run_id
+                live = client.get_run(run_id)
+                assert live.info.status == "RUNNING" and "error" not in live.data.tags
+                assert live.data.tags["owner.pid"] == str(os.getpid())  # this process owns it now
+                if interrupted:
+                    raise KeyboardInterrupt
+                run.log_metrics({"val/acc": 0.6}, step=2)
+        assert client.get_run(run_id).info.status == ending
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]  # no second run
 
 
 def test_previous_result_finds_only_finished_runs_of_the_same_config(store):
