@@ -4,10 +4,11 @@
 a Hydra callback (``hydra.callbacks.sweep`` in ``conf/config.yaml``); what happens inside each trial is
 ``trial.py``'s part:
 
-* **before any trial** (``on_multirun_start``, in the launching process): the tracking store and the
-  experiment are prepared once - so parallel trials never race to create SQLite tables - runs that a killed
-  launch left RUNNING are closed as KILLED, and the parent run is created with the sweep's definition
-  (overrides, sweeper, launcher, number of trials) and the absolute ``hydra.sweep.dir`` as a tag;
+* **before any trial** (``on_multirun_start``, in the launching process): the Optuna sweeper's study database,
+  if any, is opened first (one that cannot be is a one-line error, with nothing written to MLflow); the tracking
+  store and the experiment are prepared once - so parallel trials never race to create SQLite tables - runs
+  that a killed launch left RUNNING are closed as KILLED, and the parent run is created with the sweep's
+  definition (overrides, sweeper, launcher, number of trials) and the absolute ``hydra.sweep.dir`` as a tag;
 * **each trial** (``run.py`` and ``trial.py``, wherever it runs: this process, a joblib worker, a submitit
   job on another machine) finds its parent by that tag, skips itself when the same config already FINISHED in the
   experiment (``sweep.rerun=true`` forces it), divides the CPU cores between parallel trials, and nests its
@@ -219,6 +220,7 @@ def start(config: DictConfig) -> Sweep:
     slurm.prepare(OmegaConf.select(config, "hydra.launcher"))  # SLURM missing, unknown partition: before any job
     storage = OmegaConf.select(config, "hydra.sweeper.storage")
     warn_credentials({"mlflow.tracking_uri": config.mlflow.tracking_uri, "hydra.sweeper.storage": storage})
+    check_study_storage(config)  # an unreachable study database: one line, and nothing written to the MLflow store
     experiment_id = tracking.prepare(config.mlflow.tracking_uri, config.mlflow.experiment)
     tracking.close_orphans(experiment_id)
     spec = definition(config)
@@ -263,6 +265,21 @@ def start(config: DictConfig) -> Sweep:
         run.info.run_id,
     )
     return _ACTIVE
+
+
+OPTUNA_SWEEPER = "hydra_plugins.mnist_sweep_optuna."
+
+
+def check_study_storage(config: DictConfig) -> None:
+    """Open the Optuna sweeper's study database (``hydra.sweeper.storage``) before the sweep writes anything to
+    MLflow: one that cannot be opened fails here, as a one-line error, and leaves no parent run behind. The
+    sweeper then uses the storage opened here."""
+    storage = OmegaConf.select(config, "hydra.sweeper.storage")
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+    if isinstance(storage, str) and target.startswith(OPTUNA_SWEEPER):
+        from hydra_plugins.mnist_sweep_optuna import _impl
+
+        _impl.check_study_storage(storage)
 
 
 def _script() -> str:
@@ -361,7 +378,7 @@ TESTED = "test/acc"  # the metric of a run that took the test set
 
 def _recipe(overrides: list[str]) -> list[str]:
     """A trial's overrides without a search's bookkeeping (study, trial number, whether it took the test set)."""
-    return sorted(o for o in overrides if not o.startswith(("optuna.", "trainer.test=")))
+    return sorted(o for o in overrides if not o.lstrip("+").startswith(("optuna.", "trainer.test=")))
 
 
 def model_run(client, rows: list[dict[str, Any]], best: dict[str, Any]) -> str:
@@ -556,7 +573,7 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
         out.write("\nMean ± std over seeds:\n" + _markdown(*seeds) + "\n")
     if best is not None:
         # The search's bookkeeping (study, trial number, trainer.test=false) is not part of the recipe.
-        recipe = [o for o in best["overrides"] if not o.startswith(("optuna.", "trainer.test="))]
+        recipe = [o for o in best["overrides"] if not o.lstrip("+").startswith(("optuna.", "trainer.test="))]
         command = "python " + " ".join(shlex.quote(mask_secrets(a)) for a in [_script(), *recipe])
         out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
     out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")

@@ -157,11 +157,26 @@ def test_an_unreachable_study_storage_is_one_line_before_any_trial(tmp_path):
     ]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "cannot open the study database" in line]
-    assert len(lines) == 1 and "127.0.0.1:9" in lines[0] and "scripts/tracking_server.sh start" in lines[0]
-    assert "Traceback" not in proc.stderr and "Connection refused" in lines[0]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "hydra.sweeper.storage=postgresql+psycopg://postgres@127.0.0.1:9/none" in line  # the storage
+    assert "cannot open the study database" in line and "Connection refused" in line  # what is wrong
+    assert "scripts/tracking_server.sh start" in line and "fix the URL" in line  # and the fix
+    assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob(".hydra"))  # no trial ran
+    # Refused before the sweep's MLflow parent run was created: no run at all, not even a deleted one.
+    store = tmp_path / "mlflow.db"
+    runs = _all_runs(f"sqlite:///{store}") if store.exists() else []
+    assert runs == [] and not store.exists()  # nothing was written to the MLflow store
+
+
+def _all_runs(uri: str) -> list:
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return list(client.search_runs(experiments, run_view_type=ViewType.ALL)) if experiments else []
 
 
 def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_again(tmp_path, monkeypatch):

@@ -384,8 +384,10 @@ class OptunaSweeperImpl(Sweeper):
 
         storage = self.storage
         if isinstance(storage, str):
-            storage = self._storage_url = _absolute_sqlite(storage)
-            storage = _open_storage(storage, self._requeue)
+            self._storage_url = _absolute_sqlite(storage)
+            storage = open_study_storage(storage)
+            if isinstance(storage, optuna.storages.RDBStorage):  # a stale trial of another launcher: run it again
+                storage.heartbeat_stale_trial_callback = storage.failed_trial_callback = self._requeue
         sampler, planned = self.sampler, self.n_trials
         if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
             grid = {}
@@ -717,6 +719,23 @@ class _Heartbeat:
 
 
 _ABSENT = object()
+_OPENED: dict[str, Any] = {}  # storages opened before the sweep started (open_study_storage), by URL
+
+
+def open_study_storage(url: str):
+    """The study's storage for ``hydra.sweeper.storage=url``, opened once per sweep: the launching process opens
+    it before anything else is written (mnist_sweep/sweep.py, before MLflow's parent run), the sweeper then
+    takes that one. An unreachable database is a SearchError in one line."""
+    url = _absolute_sqlite(url)
+    opened = _OPENED.pop(url, None)
+    return opened if opened is not None else _open_storage(url, None)
+
+
+def check_study_storage(url: str) -> None:
+    """Open the storage now (SearchError if it cannot be), and keep it for the sweeper's open_study_storage."""
+    url = _absolute_sqlite(url)
+    if url not in _OPENED:
+        _OPENED[url] = _open_storage(url, None)
 
 
 def _open_storage(url: str, requeue):
