@@ -218,28 +218,54 @@ def _trial_after_two_epochs(client: MlflowClient, db: Path, seconds: float = 300
     pytest.fail("the trial never reached epoch 2")
 
 
+def _slow_settings(tmp_path) -> list[str]:
+    """The slow trial's config: 8 epochs of a second or two each on a synthetic set in tmp_path/data."""
+    trial = [o for o in TRIAL if not o.startswith("trainer.epochs")]
+    return [*trial, f"data.root={tmp_path / 'data'}", "trainer.epochs=8", "model.hidden=8", "data.batch_size=4"]
+
+
 def _slow_trial(cluster, tmp_path, monkeypatch):
-    """One trial of 8 epochs of a second or two each through SLURM, in the background: time to signal it."""
+    """One slow trial through SLURM, in the background: time to signal it."""
     from conftest import start_train_py
 
     monkeypatch.setenv("SLURM_CONF", cluster)
     make_dataset(tmp_path / "data", n_train=3000, n_test=40)
-    trial = [o for o in TRIAL if not o.startswith("trainer.epochs")]
     store = f"sqlite:///{tmp_path}/m.db"
     child = start_train_py(
-        "-m", "hydra/launcher=submitit_slurm", *SMALL_JOBS, *trial, f"data.root={tmp_path / 'data'}",
-        "trainer.epochs=8", "model.hidden=8", "data.batch_size=4", f"mlflow.tracking_uri={store}", cwd=tmp_path,
+        "-m", "hydra/launcher=submitit_slurm", *SMALL_JOBS, *_slow_settings(tmp_path), f"mlflow.tracking_uri={store}",
+        cwd=tmp_path,
     )  # fmt: skip
     client = MlflowClient(store)
     return child, client, _trial_after_two_epochs(client, tmp_path / "m.db")
+
+
+def _outcome(client: MlflowClient, run_id: str) -> dict:
+    """What a run ended with: each epoch's val/acc and train/loss, and its final metrics."""
+    run = client.get_run(run_id)
+    history = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in ("val/acc", "train/loss")
+    }
+    return {
+        **history,
+        **{key: run.data.metrics[key] for key in ("best_epoch", "best_val/acc", "test/acc", "test/loss")},
+    }
 
 
 @pytest.mark.slurm
 def test_a_preempted_trial_requeues_itself_and_continues_in_the_same_run(cluster, tmp_path, monkeypatch):
     """SLURM's preemption signal (USR2, what submitit asks SLURM to send before a timeout or a preemption):
     submitit requeues the job, and the trial goes on from its last epoch in the same MLflow run."""
+    from conftest import start_train_py
+
     child, client, running = _slow_trial(cluster, tmp_path, monkeypatch)
     subprocess.run(["scancel", "--signal=USR2", running.data.tags["slurm.job_id"]], check=True, timeout=30)
+    # While SLURM requeues the job: the same config, seed and thread count (cpus_per_task=1), never interrupted.
+    (tmp_path / "ref").mkdir()
+    whole = start_train_py(
+        *_slow_settings(tmp_path), "device.threads=1", f"mlflow.tracking_uri=sqlite:///{tmp_path}/ref/m.db",
+        cwd=tmp_path / "ref",
+    )  # fmt: skip
     child.finish(420)
     assert child.returncode == 0, "".join(child.lines)[-3000:]
     runs = client.search_runs([client.get_experiment_by_name("mnist-sweep").experiment_id])
@@ -249,6 +275,13 @@ def test_a_preempted_trial_requeues_itself_and_continues_in_the_same_run(cluster
     assert sorted(steps) == list(range(1, 9))  # every epoch once: the requeued job went on, it did not start over
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*_log.*"))
     assert "resuming from" in logs and "this job is preempted" in logs
+    # ... and it ends exactly as the uninterrupted run does.
+    whole.finish(300)
+    assert whole.returncode == 0, "".join(whole.lines)[-3000:]
+    assert trial_run.data.tags["torch.threads"] == "1"
+    reference = MlflowClient(f"sqlite:///{tmp_path}/ref/m.db")
+    (ref_run,) = reference.search_runs([reference.get_experiment_by_name("mnist-sweep").experiment_id])
+    assert _outcome(client, trial_run.info.run_id) == _outcome(reference, ref_run.info.run_id)
 
 
 @pytest.mark.slurm
