@@ -377,7 +377,8 @@ def test_pruners(name):
 
 @pytest.mark.e2e
 def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
-    """A real (tiny) search: trials nested and logged, one pruned, the best config written, tested once."""
+    """A real (tiny) search: trials nested and logged, one pruned, the best config written, tested once; the
+    model logged and registered is the tested rerun's, beside its test/acc, not a trial's."""
     from mlflow import MlflowClient
 
     from conftest import train_py
@@ -404,7 +405,7 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
         "optimizer.lr=choice(0.00001,0.003)",
         "model.hidden=choice(16,24,32)",
         "trainer.epochs=2",
-        "mlflow.log_model=false",
+        "mlflow.registered_model=tiny-search",  # log_model and the registry on, as by default
         f"data.root={mnist_root}",
         f"data.cache_dir={cache_dir}",
         cwd=tmp_path,
@@ -422,6 +423,12 @@ def test_optuna_search_through_train_py(tmp_path, mnist_root, cache_dir):
     assert pruned and all(r.info.status == "FINISHED" for r in pruned)
     tested = [r for r in children if "test/acc" in r.data.metrics]
     assert len(tested) == 1 and tested[0].data.params["trainer.test"] == "True"
+    # The model is logged once, in the tested rerun of the best trial, and that is the version registered.
+    (version,) = client.search_model_versions("name='tiny-search'")
+    assert version.run_id == tested[0].info.run_id
+    logged = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert [m.source_run_id for m in logged] == [tested[0].info.run_id]
+    assert [r.info.run_id for r in children if r.data.tags.get("model.logged") == "true"] == [tested[0].info.run_id]
     study = optuna.load_study(study_name="mnist-sweep-search", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     preset = (presets / "found_e2e.yaml").read_text()
