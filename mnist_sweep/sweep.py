@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_sweep import config as schema
 from mnist_sweep import model, plots, search, slurm, tracking, trial
 from mnist_sweep.redact import mask_hydra_files, mask_secrets, warn_credentials
-from mnist_sweep.trial import OBJECTIVE, OBJECTIVE_METRIC, PARENT_ENV, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
+from mnist_sweep.trial import OBJECTIVE_METRIC, PARENT_ENV, ROLE, SWEEP_DIR, TRIAL_PREFIX, sweep_dir
 
 log = logging.getLogger("mnist_sweep.sweep")
 
@@ -469,7 +469,7 @@ def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[str]]]:
     # A multi-objective search's other objectives, and whether each trial is on the Pareto front (search.py).
     scores = [n for n in next((r["scores"] for r in rows if "scores" in r), {}) if n != OBJECTIVE_METRIC]
-    header = ["trial", *keys, OBJECTIVE, *scores, *(["pareto"] if scores else []), "status", "run_id", "note"]
+    header = ["trial", *keys, OBJECTIVE_METRIC, *scores, *(["pareto"] if scores else []), "status", "run_id", "note"]
     body = []
     for r in _sorted(rows):
         note = "reused: finished before" if r.get("reused") else r.get("note", "")
@@ -506,7 +506,7 @@ def seed_table(rows: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], 
         groups.setdefault(group, [])
         if r["status"] == "FINISHED" and r["objective"] is not None:
             groups[group].append(r["objective"])
-    header = [*others, f"{OBJECTIVE} mean", f"{OBJECTIVE} std", "seeds"]
+    header = [*others, f"{OBJECTIVE_METRIC} mean", f"{OBJECTIVE_METRIC} std", "seeds"]
     body = []
     ranked = sorted(groups.items(), key=lambda kv: -(statistics.fmean(kv[1]) if kv[1] else -1))
     for group, values in ranked:
@@ -549,7 +549,7 @@ def write_leaderboard(folder: Path, rows: list[dict[str, Any]], keys: list[str])
         files.append(folder / "leaderboard_seeds.csv")
     points = [(r["values"], r["objective"]) for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
     if keys and points:
-        files.append(plots.objective_vs_keys_png(points, keys, OBJECTIVE, folder / "leaderboard.png"))
+        files.append(plots.objective_vs_keys_png(points, keys, OBJECTIVE_METRIC, folder / "leaderboard.png"))
     scored = [r for r in rows if "pareto" in r]
     if scored:  # a multi-objective search: its first two objectives, the front marked
         names = tuple(scored[0]["scores"])[:2]
@@ -575,7 +575,8 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
         # The search's bookkeeping (study, trial number, trainer.test=false) is not part of the recipe.
         recipe = [o for o in best["overrides"] if not o.lstrip("+").startswith(("optuna.", "trainer.test="))]
         command = "python " + " ".join(shlex.quote(mask_secrets(a)) for a in [_script(), *recipe])
-        out.write(f"\nbest: trial {best['trial']}, {OBJECTIVE} {best['objective']:.4f}; rerun it with:\n  {command}\n")
+        score = f"{OBJECTIVE_METRIC} {best['objective']:.4f}"
+        out.write(f"\nbest: trial {best['trial']}, {score}; rerun it with:\n  {command}\n")
     out.write(f"leaderboard: {Path(sweep.dir) / 'leaderboard.md'}\n")
     if sweep.link:
         out.write(f"compare the trials in MLflow: {sweep.link}\n")

@@ -31,8 +31,7 @@ log = logging.getLogger("mnist_sweep.trial")
 ROLE = "mnist_sweep.role"  # "sweep" on a parent run
 SWEEP_DIR = "hydra.sweep.dir"  # absolute path: the parent and every trial carry it
 TRIAL_PREFIX = "trial."  # parent tag per trial: JSON outcome
-OBJECTIVE = "val/acc"  # what a trial returns to the sweeper (best validation accuracy)
-OBJECTIVE_METRIC = "best_val/acc"  # the metric it is stored as
+OBJECTIVE_METRIC = "best_val/acc"  # the objective a trial returns (its best validation accuracy), one name everywhere
 PARENT_ENV = "MNIST_SWEEP_PARENT_RUN"  # set by the launcher: the id of its sweep's parent run
 RESUME_STATE = "resume.state"  # tag: the file a run saves its training state to at each epoch's end
 

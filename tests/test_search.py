@@ -457,7 +457,7 @@ def test_the_pareto_front_of_two_objectives_is_marked_and_drawn(tmp_path):
     objectives = [("best_val/acc", "maximize"), ("weights", "minimize")]
     search.mark_pareto(rows, objectives, metrics.__getitem__)
     header, body = sweep.table(rows, [])
-    assert header[1:4] == ["val/acc", "weights", "pareto"]
+    assert header[1:4] == ["best_val/acc", "weights", "pareto"]
     assert {row[0]: row[3] for row in body} == {"0": "yes", "1": "yes", "2": "", "3": "yes", "4": "yes", "5": ""}
     files = sweep.write_leaderboard(tmp_path, rows, [])
     assert tmp_path / "pareto.png" in files and (tmp_path / "pareto.png").stat().st_size > 1000

@@ -127,11 +127,11 @@ def test_leaderboard_lists_swept_keys_objective_and_status_of_every_trial(failin
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert artifacts >= {"leaderboard.csv", "leaderboard.md", "leaderboard.png"}
     rows = _leaderboard(client, parent_id)
-    assert list(rows[0]) == ["trial", "optimizer.lr", "val/acc", "status", "run_id", "note"]  # swept keys only
+    assert list(rows[0]) == ["trial", "optimizer.lr", "best_val/acc", "status", "run_id", "note"]  # swept keys only
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED"]  # best first, failures last
     best = max(trials, key=lambda t: t.data.metrics.get("best_val/acc", 0))
     assert rows[0]["run_id"] == best.info.run_id
-    assert float(rows[0]["val/acc"]) == pytest.approx(best.data.metrics["best_val/acc"], abs=1e-4)
+    assert float(rows[0]["best_val/acc"]) == pytest.approx(best.data.metrics["best_val/acc"], abs=1e-4)
     assert "diverged" in rows[2]["note"]
     md = open(client.download_artifacts(parent_id, "leaderboard.md")).read()
     assert "| optimizer.lr |" in md and "FAILED" in md
@@ -265,7 +265,7 @@ def test_seed_axis_is_aggregated_mean_and_std(tmp_path, mnist_root, cache_dir):
     path = client.download_artifacts(parents[0].info.run_id, "leaderboard_seeds.csv")
     (row,) = list(csv.DictReader(io.StringIO(open(path).read())))
     assert row["seeds"] == "2"
-    assert float(row["val/acc mean"]) == pytest.approx(sum(accs) / 2, abs=1e-4)
+    assert float(row["best_val/acc mean"]) == pytest.approx(sum(accs) / 2, abs=1e-4)
     assert "Mean ± std over seeds" in proc.stdout
 
 
