@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             conf = str(folder / "slurm.conf")
         try:
             env = {**os.environ, "SLURM_CONF": conf, "PYTHONUNBUFFERED": "1"}
+            # This interpreter's environment for the server script and the jobs, as if it were activated.
+            env |= {"PYTHON": env.get("PYTHON", sys.executable), "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
             version = subprocess.run(["sinfo", "--version"], env=env, capture_output=True, text=True).stdout.strip()
             data = (f"data.root={a.data_root}", f"data.cache_dir={Path(base) / 'cache'}")
             ways = launchers(conf_value(conf, "PartitionName"))
