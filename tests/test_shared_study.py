@@ -22,6 +22,7 @@ from test_tracking_server import server  # noqa: F401  (the fixture: PostgreSQL 
 
 from conftest import REPO, make_dataset
 from hydra_plugins.mnist_sweep_optuna import _impl
+from mnist_sweep import search
 
 BEST = re.compile(r"best trial #(\d+): value (\S+) with (.*)")
 
@@ -200,3 +201,38 @@ def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_aga
     with pytest.raises(_impl.SearchError, match="cannot open the study database"):  # anything else: one line
         _impl._open_storage(url, None)
     assert len(calls) == 1
+
+
+_OTHER_LAUNCHER = """
+import json, sys
+import optuna
+from mnist_sweep import search
+storage, study = sys.argv[1], sys.argv[2]
+trial = optuna.load_study(study_name=study, storage=storage).ask()  # what a launcher does before it starts a trial
+section = {"storage": storage, "study": study, "trial": trial.number, "pruner": "median", "warmup_epochs": 0,
+           "startup_trials": 2}
+r = search.reporter({"optuna": section}, 5)
+print(json.dumps({"trial": trial.number, "pruned": r.report(1, 0.10)}))
+"""
+
+
+@pytest.mark.parametrize("others_reported", [True, False])
+def test_pruning_is_shared_a_trial_is_judged_against_the_other_launchers_trials(tmp_path, others_reported):
+    """A trial in another process is pruned by the epochs the first launcher's trials reported in the shared study;
+    in a study without them (the control) the same report goes on: nothing is judged from a launcher's own memory."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    if others_reported:
+        for _ in range(3):  # this launcher's trials: 0.9 at epoch 1, each through the reporter a trial uses
+            trial = study.ask()
+            section = {"storage": storage, "study": "shared", "trial": trial.number, "pruner": "median"}
+            r = search.reporter({"optuna": {**section, "warmup_epochs": 0, "startup_trials": 2}}, 5)
+            assert r.report(1, 0.90) is False
+            study.tell(trial, 0.90)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _OTHER_LAUNCHER, storage, "shared"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome == {"trial": 3 if others_reported else 0, "pruned": others_reported}
