@@ -100,6 +100,8 @@ def cli(hydra_main) -> None:
     # Our presets conf/hydra/launcher/{joblib,submitit_*}.yaml set a few fields of the plugins' schemas of the
     # same name, which Hydra 1.3 merges as intended while warning that this might change in a later version.
     warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/\w+' is validated against ConfigStore schema")
+    if {"--cfg", "-c", "--info", "-i"} & set(sys.argv[1:]):  # Hydra prints the config: a URI's password too
+        sys.stdout = _Masked(sys.stdout)
     try:
         hydra_main()
         summary = sweep.finish()  # normally done by the callback's on_multirun_end already
@@ -126,6 +128,19 @@ def cli(hydra_main) -> None:
             raise e
         print(f"error: {mask_secrets(explain(e))}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+
+
+class _Masked:
+    """A text stream that writes through ``mask_secrets`` (what Hydra prints for ``--cfg``/``--info``)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(mask_secrets(text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def fail(e: UserError) -> NoReturn:

@@ -81,6 +81,16 @@ def test_text_without_a_password_is_left_alone(text):
     assert not redact.has_password(text)
 
 
+@pytest.mark.parametrize("show", [["--cfg", "job"], ["--cfg", "hydra"], ["--info", "config"]])
+def test_the_printed_config_masks_the_password(tmp_path, show):
+    """Hydra prints the composed config (and the overrides) for --cfg/--info: the password is masked there too."""
+    proc = train_py(*show, "mlflow.tracking_uri=postgresql+psycopg://bob:SeCrEt@db:5432/mlflow", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SeCrEt" not in proc.stdout + proc.stderr
+    assert "bob:***@db:5432" in proc.stdout
+    assert not list(tmp_path.iterdir())  # printing the config runs nothing
+
+
 def test_masked_log_records_files_and_one_warning(tmp_path, caplog, monkeypatch):
     redact.mask_logs()
     redact.mask_logs()  # idempotent: one factory
