@@ -38,6 +38,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.mnist_sweep_optuna import _impl as optuna_sweeper
 from mnist_sweep import config as schema
 from mnist_sweep import model, plots, search, slurm, tracking, trial
 from mnist_sweep.redact import mask_hydra_files, mask_secrets, warn_credentials
@@ -277,9 +278,7 @@ def check_study_storage(config: DictConfig) -> None:
     storage = OmegaConf.select(config, "hydra.sweeper.storage")
     target = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
     if isinstance(storage, str) and target.startswith(OPTUNA_SWEEPER):
-        from hydra_plugins.mnist_sweep_optuna import _impl
-
-        _impl.check_study_storage(storage)
+        optuna_sweeper.check_study_storage(storage)
 
 
 def _script() -> str:
@@ -376,9 +375,14 @@ def log_best_model(
 TESTED = "test/acc"  # the metric of a run that took the test set
 
 
+def _bookkeeping(override: str) -> bool:
+    """An override a search adds to a trial (study, trial number, whether it takes the test set): not a setting."""
+    return override.lstrip("+").startswith(("optuna.", "trainer.test="))
+
+
 def _recipe(overrides: list[str]) -> list[str]:
-    """A trial's overrides without a search's bookkeeping (study, trial number, whether it took the test set)."""
-    return sorted(o for o in overrides if not o.lstrip("+").startswith(("optuna.", "trainer.test=")))
+    """A trial's overrides without a search's bookkeeping, sorted."""
+    return sorted(o for o in overrides if not _bookkeeping(o))
 
 
 def model_run(client, rows: list[dict[str, Any]], best: dict[str, Any]) -> str:
@@ -573,7 +577,7 @@ def render(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | N
         out.write("\nMean ± std over seeds:\n" + _markdown(*seeds) + "\n")
     if best is not None:
         # The search's bookkeeping (study, trial number, trainer.test=false) is not part of the recipe.
-        recipe = [o for o in best["overrides"] if not o.lstrip("+").startswith(("optuna.", "trainer.test="))]
+        recipe = [o for o in best["overrides"] if not _bookkeeping(o)]
         command = "python " + " ".join(shlex.quote(mask_secrets(a)) for a in [_script(), *recipe])
         score = f"{OBJECTIVE_METRIC} {best['objective']:.4f}"
         out.write(f"\nbest: trial {best['trial']}, {score}; rerun it with:\n  {command}\n")
