@@ -368,6 +368,12 @@ def lessons(ctx: Context, net, optimizer, loaders: data.Loaders, order: torch.Ge
     def on_epoch(er: training.EpochResult) -> bool:
         metrics = er.metrics()
         mlrun.log_metrics(metrics, step=er.epoch)  # one batched write per epoch
+        # Another launch's run of this config may have been created a moment before this one yet committed after
+        # this run looked (its start time is taken before its write): whichever run started first trains it, so
+        # the later one steps back here, at the first epoch end that sees the earlier one.
+        if ctx.trial is not None and not settings.sweep.rerun:
+            if trial.live_claim(ctx.experiment_id, _hash(ctx), me=mlrun.id) is not None:
+                raise tracking.Discard
         rows.append({"epoch": er.epoch, **metrics})
         log.info(er.summary(epochs))
         if pruner is None or not pruner.report(er.epoch, er.val_acc):
