@@ -105,8 +105,7 @@ def _train(ctx: Context) -> float | tuple[float, ...]:
     with tracking.start_run(ctx.experiment_id, _name(ctx), _tags(ctx), _parent(ctx), reopen) as mlrun:
         if ctx.trial is not None:
             ctx.trial.run_id = mlrun.id
-            if not ctx.settings.sweep.rerun and trial.live_claim(ctx.experiment_id, _hash(ctx), me=mlrun.id):
-                raise tracking.Discard
+            _step_back_if_claimed(ctx, mlrun)
         mlrun.log_params({**params(ctx.cfg, ctx.hc), "trainer.precision": ctx.settings.trainer.precision})
         _log_dataset(ctx, mlrun, loaders)
         fitted, rows = lessons(ctx, net, optimizer, loaders, order, mlrun)
@@ -225,6 +224,12 @@ def _take_turn(ctx: Context) -> float | tuple[float, ...] | None:
             ctx.resume = _interrupted_trial(ctx)
             return None
         trial.wait_for(claim)
+
+
+def _step_back_if_claimed(ctx: Context, mlrun: tracking.Run) -> None:
+    """Whichever live run of this config started first trains it: a later one is taken back (Discard)."""
+    if not ctx.settings.sweep.rerun and trial.live_claim(ctx.experiment_id, _hash(ctx), me=mlrun.id):
+        raise tracking.Discard
 
 
 def _hash(ctx: Context) -> str:
@@ -369,11 +374,9 @@ def lessons(ctx: Context, net, optimizer, loaders: data.Loaders, order: torch.Ge
         metrics = er.metrics()
         mlrun.log_metrics(metrics, step=er.epoch)  # one batched write per epoch
         # Another launch's run of this config may have been created a moment before this one yet committed after
-        # this run looked (its start time is taken before its write): whichever run started first trains it, so
-        # the later one steps back here, at the first epoch end that sees the earlier one.
-        if ctx.trial is not None and not settings.sweep.rerun:
-            if trial.live_claim(ctx.experiment_id, _hash(ctx), me=mlrun.id) is not None:
-                raise tracking.Discard
+        # this run looked (its start time is taken before its write): the later one steps back at an epoch end.
+        if ctx.trial is not None:
+            _step_back_if_claimed(ctx, mlrun)
         rows.append({"epoch": er.epoch, **metrics})
         log.info(er.summary(epochs))
         if pruner is None or not pruner.report(er.epoch, er.val_acc):
