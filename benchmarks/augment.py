@@ -58,7 +58,7 @@ def training_step(cfg, settings, net, x, y, distort=None):
     backward, and the preset's optimiser."""
     from hydra.utils import instantiate
 
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
+    optimizer = training.build_optimizer(instantiate(cfg.optimizer, _convert_="all"), net.parameters())
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.trainer.label_smoothing)
     device = torch.device("cpu")
 

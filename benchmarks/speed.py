@@ -152,7 +152,7 @@ def project_trial(
     net = model.build(**run.model_args(s, len(loaders.classes))).to(device)
     from hydra.utils import instantiate
 
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(net.parameters())
+    optimizer = training.build_optimizer(instantiate(cfg.optimizer, _convert_="all"), net.parameters())
     t = s.trainer
 
     trial = Trial(name, model.flops_per_sample(net), precision=t.precision)

@@ -329,7 +329,7 @@ def student(ctx: Context, num_classes: int) -> tuple[torch.nn.Module, torch.opti
     """The network, on the device, and its optimizer; ``args`` rebuild it from a checkpoint."""
     args = model_args(ctx.settings, num_classes)
     net = model.build(**args).to(ctx.device)
-    optimizer = instantiate(ctx.cfg.optimizer, _convert_="all")(net.parameters())
+    optimizer = training.build_optimizer(instantiate(ctx.cfg.optimizer, _convert_="all"), net.parameters())
     log.info(
         "model: %s, %d weights; optimizer: %s; precision: %s; mlflow run %r",
         _describe(ctx.settings.model),

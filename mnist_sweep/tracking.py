@@ -494,7 +494,7 @@ class Run:
             with torch.no_grad():
                 signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
         if serialization == "weights":
-            with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.id):
+            with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.id), _installed():
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     loader_module=saved_model.LOADER,
@@ -754,6 +754,28 @@ def load_model(uri: str, trust_pickle: bool = False):
             return mlflow.pyfunc.load_model(str(local))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _installed():
+    """While a model whose requirements pin this very process's packages is logged, MLflow's check of them
+    against the installed packages is skipped (where it saves the model and where it loads it back to try the
+    input example): the check first maps every installed distribution's files to its modules
+    (``packages_distributions``: half a second per run, tens of thousands of ``stat`` calls) to find a mismatch
+    that cannot be there. A module that no longer has the function keeps whatever it has."""
+    import mlflow.pyfunc
+    import mlflow.utils.environment
+
+    name = "warn_dependency_requirement_mismatches"
+    patched = [m for m in (mlflow.utils.environment, mlflow.pyfunc) if hasattr(m, name)]
+    saved = [getattr(m, name) for m in patched]
+    for m in patched:
+        setattr(m, name, lambda requirements: None)
+    try:
+        yield
+    finally:
+        for m, check in zip(patched, saved, strict=True):
+            setattr(m, name, check)
 
 
 @contextmanager

@@ -145,6 +145,40 @@ def check_fits(parts: dict[str, int], device: torch.device, available: int | Non
     )
 
 
+def build_optimizer(make: Callable, params) -> torch.optim.Optimizer:
+    """``make(params)`` (a ``torch.optim`` class or a partial of one, as ``instantiate`` returns it), built from
+    a subclass without torch.compile's guards. torch.optim wraps ``__init__``'s ``add_param_group``, ``step``,
+    ``zero_grad`` and the state-dict methods in calls that import ``torch._dynamo`` (about 1.2 s of start-up)
+    only to tell the compiler where to break its graph; this project never compiles, so those wrappers are
+    peeled off (only torch's own two, recognised by their code) and ``step`` runs under ``no_grad`` as theirs
+    does. The arithmetic is torch's own: same numbers, same state dicts."""
+    func = getattr(make, "func", make)
+    if not (isinstance(func, type) and issubclass(func, torch.optim.Optimizer)):
+        return make(params)
+    base = func
+    peeled = {name: _peel(getattr(base, name)) for name in _GUARDED}
+    step = peeled.pop("step")
+
+    def eager_step(self, *args, **kwargs):
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return step(self, *args, **kwargs)
+
+    eager = type(base.__name__, (base,), {**peeled, "step": eager_step, "__module__": base.__module__})
+    args, kwargs = getattr(make, "args", ()), getattr(make, "keywords", {})
+    return eager(params, *args, **kwargs)
+
+
+_GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict", "step")
+
+
+def _peel(fn: Callable) -> Callable:
+    """``fn`` without torch's compiler-guard wrappers (``_use_grad_for_differentiable``, ``_disable_dynamo``)."""
+    guards = {sys.modules[f.__module__].__file__ for f in (torch.optim.Optimizer, torch._disable_dynamo)}
+    while getattr(fn, "__wrapped__", None) is not None and fn.__code__.co_filename in guards:
+        fn = fn.__wrapped__
+    return fn
+
+
 def lr_multiplier(step: int, total: int, warmup: float, start: float, decay: str, final: float) -> float:
     """The learning rate at ``step`` of ``total``, as a fraction of the optimiser's base lr.
 

@@ -62,9 +62,10 @@ def test_the_wheel_ships_the_library_and_the_plugin_only():
     assert meta["tool"]["setuptools"]["packages"] == ["mnist_sweep", "hydra_plugins.mnist_sweep_optuna"]
 
 
-def test_a_default_run_does_not_import_torchvision(tmp_path):
-    """torchvision (about 1.8 s of start-up) serves only data.loader=torchvision: a real default run, traced
-    with Python's own import timer, never imports it."""
+def test_a_default_run_imports_neither_torchvision_nor_dynamo(tmp_path):
+    """torchvision (about 1.8 s of start-up) serves only data.loader=torchvision, and ``torch._dynamo`` (about
+    1.2 s) only torch.compile, which a run never calls: a real default run, traced with Python's own import
+    timer, imports neither."""
     make_dataset(tmp_path / "data")
     store = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = (
@@ -80,6 +81,7 @@ def test_a_default_run_does_not_import_torchvision(tmp_path):
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "mnist_sweep.run" in imported and "mlflow" in imported  # the trace saw the run
     assert not {m for m in imported if m.split(".")[0] == "torchvision"}
+    assert not {m for m in imported if m.startswith("torch._dynamo")}
     # The same run with the tutorial's loader does import it: the check above can fail.
     done = train_py(*overrides, "data.loader=torchvision", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
