@@ -6,6 +6,7 @@ it, with the command that made it and the machine it ran on, so every figure can
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -18,7 +19,7 @@ CONF_DIR = REPO / "conf"
 RECORDS = Path(__file__).resolve().parent / "records"
 # The blocks of docs/BENCHMARKS.md, in the order they appear: each written by its benchmark, the last by hand.
 BENCHMARKS_MD = DOCS / "BENCHMARKS.md"
-BLOCKS = ("speed", "speed-avx2", "presets", "startup", "augment", "denormal", "retired")
+BLOCKS = ("speed", "speed-avx2", "presets", "gpu", "startup", "augment", "denormal", "retired")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -90,16 +91,15 @@ def machine() -> str:
 
 
 def versions() -> dict[str, str]:
-    import hydra
-    import mlflow
+    """The versions that shape the figures, read from the installed packages' metadata (nothing imported, so a
+    machine without MLflow, a GPU box say, reports what it has)."""
     import torch
 
     found = {"python": platform.python_version(), "torch": torch.__version__}
-    found |= {"hydra-core": hydra.__version__, "mlflow": mlflow.__version__}
-    for name in ("torchvision", "optuna", "joblib"):
+    for name in ("hydra-core", "mlflow", "torchvision", "optuna", "joblib"):
         try:
-            found[name] = __import__(name).__version__
-        except ImportError:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return found
 

@@ -70,6 +70,44 @@ def project_trial(data_root: Path, cwd: Path, env: dict[str, str], epochs: int) 
     return {"wall": wall, "train_s": float(m.group(2)), "test_acc": float(m.group(1))}
 
 
+# The imports that make a run's start-up (torchvision and torch._dynamo: none, since a default run needs neither)
+WATCHED = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "hydra", "torchvision", "torch._dynamo")
+
+
+def import_seconds(stderr: str) -> tuple[dict[str, float], float]:
+    """From ``python -X importtime``'s trace: the seconds of each ``WATCHED`` module's import (its own line, with
+    everything it imported), and of all imports together (the top-level lines: made by the program or by a
+    function, not inside another import)."""
+    found, total = {}, 0.0
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2:
+            continue
+        _, cumulative, name = line.split("|")
+        if not cumulative.strip().isdigit():  # the header line
+            continue
+        seconds = int(cumulative) / 1e6
+        if name.strip() in WATCHED:
+            found[name.strip()] = seconds
+        if not name.startswith("  "):
+            total += seconds
+    return found, total
+
+
+def import_breakdown(data_root: Path, cwd: Path, env: dict[str, str], epochs: int) -> list[str]:
+    """One more ``python train.py`` under Python's import timer: what its imports cost."""
+    cmd = [sys.executable, "-X", "importtime", str(REPO / "train.py"), f"data.root={data_root}"]
+    _, text = timed([*cmd, f"trainer.epochs={epochs}"], cwd, env)
+    found, total = import_seconds(text)
+    named = ", ".join(f"`{m}` {found[m]:.2f} s" for m in WATCHED if m in found)
+    missing = " and ".join(f"`{m}`" for m in WATCHED if m not in found)
+    return [
+        f"Imports of one such run (`python -X importtime train.py ...`; the timer slows them a little): "
+        f"{total:.2f} s in all; {named} (the store's module is imported when the store is opened)"
+        + (f"; {missing} not imported." if missing else "."),
+        "",
+    ]
+
+
 def prepare_template(template: Path, data_root: Path, cwd: Path) -> Path:
     """A copy of the template with MNIST where its datamodule looks (uncompressed, data/MNIST/raw/)."""
     work = cwd / "template"
@@ -120,6 +158,7 @@ def run_bench(args: argparse.Namespace) -> str:
             if not args.silent:
                 last = f", template {theirs[-1]['wall']:.1f} s" if theirs else ""
                 print(f"round {i + 1}: torch {torch_runs[-1]['wall']:.2f} s, ours {ours[-1]['wall']:.1f} s{last}")
+        breakdown = import_breakdown(data_root, cwd, env, args.epochs)
 
     t_torch, t_ours, t_train = median(torch_runs, "wall"), median(ours, "wall"), median(ours, "train_s")
     overhead = [r["wall"] - r["train_s"] for r in ours]
@@ -152,6 +191,7 @@ def run_bench(args: argparse.Namespace) -> str:
         + ".",
         "",
     ]
+    out += breakdown
     if theirs:
         per_round = [t["wall"] / o["wall"] for t, o in zip(theirs, ours, strict=True)]
         out += [

@@ -411,3 +411,22 @@ def test_startup_benchmark_lays_out_the_template_with_uncompressed_mnist(tmp_pat
         assert (raw / "train-labels-idx1-ubyte").read_bytes() == f.read()
     assert (work / "configs/data/mnist.yaml").exists()  # the template's own data config is kept
     assert not (work / ".git").exists() and not (work / "logs").exists() and not (work / "data/stale.bin").exists()
+
+
+def test_startup_reads_what_the_imports_cost_from_pythons_import_timer():
+    from benchmarks import startup
+
+    trace = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        200 | hydra",
+            "import time:       300 |    1200000 |   torch",
+            "import time:      1000 |    1500000 | mnist_sweep",
+            "[12:00:00] data: mnist via tensor loader",
+            "import time:       500 |     900000 | mlflow",
+            "import time:       400 |     700000 | mlflow.store.tracking.sqlalchemy_store",
+        ]
+    )
+    found, total = startup.import_seconds(trace)
+    assert found == {"hydra": 0.0002, "torch": 1.2, "mlflow": 0.9, "mlflow.store.tracking.sqlalchemy_store": 0.7}
+    assert total == pytest.approx(0.0002 + 1.5 + 0.9 + 0.7)  # torch is inside mnist_sweep's import: counted once
