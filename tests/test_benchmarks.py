@@ -8,6 +8,8 @@ import ast
 import gzip
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -430,3 +432,19 @@ def test_startup_reads_what_the_imports_cost_from_pythons_import_timer():
     found, total = startup.import_seconds(trace)
     assert found == {"hydra": 0.0002, "torch": 1.2, "mlflow": 0.9, "mlflow.store.tracking.sqlalchemy_store": 0.7}
     assert total == pytest.approx(0.0002 + 1.5 + 0.9 + 0.7)  # torch is inside mnist_sweep's import: counted once
+
+
+def test_the_gpu_benchmark_says_in_one_line_that_it_needs_a_cuda_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the benchmark would run (minutes), not refuse")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--out", str(tmp_path / "gpu.md")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: no CUDA device here; this benchmark measures one (CPU figures: benchmarks.speed)"
+    ]
+    assert not (tmp_path / "gpu.md").exists()
