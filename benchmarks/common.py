@@ -6,6 +6,7 @@ it, with the command that made it and the machine it ran on, so every figure can
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -181,3 +182,18 @@ def compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     return cfg, config.check(cfg)
+
+
+def block_main(name: str, doc: str, add_arguments, measure, argv: list[str] | None = None) -> int:
+    """The command line of a benchmark that writes its block ``name`` of docs/BENCHMARKS.md: ``--data-root``, its
+    own options (``add_arguments(parser)``), ``--out`` and ``--silent``; ``measure(args)`` returns the block."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--data-root", default=default_data_root())
+    add_arguments(parser)
+    parser.add_argument("--out", default=str(BENCHMARKS_MD), help=f"its '{name}' block is written")
+    parser.add_argument("--silent", action="store_true")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    write_report(args.out, measure(args), block=name)
+    return 0

@@ -128,16 +128,10 @@ def run_bench(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=common.default_data_root())
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=str(common.BENCHMARKS_MD), help="its 'gpu' block is written")
-    parser.add_argument("--silent", action="store_true")
-    args = parser.parse_args(argv)
-    args.argv = argv
-    common.write_report(args.out, run_bench(args), block="gpu")
-    return 0
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--seeds", type=int, default=3)
+
+    return common.block_main("gpu", __doc__, options, run_bench, argv)
 
 
 if __name__ == "__main__":
