@@ -9,6 +9,10 @@ needs torch, hydra-core and omegaconf only. Before any run it checks, on the GPU
 builds (``training.build_optimizer``) reaches the same weights as torch's own class and imports no
 ``torch._dynamo``. Times are the runs' training time (training and validation, data already loaded); the first
 run of each kind is preceded by a short warm-up (CUDA's context, kernel selection) that is not counted.
+
+On a GPU box whose Python has torch but not this project's other packages, the pure-Python ``hydra``,
+``omegaconf`` and ``antlr4`` folders copied from a venv onto ``PYTHONPATH`` suffice, with MNIST in any folder:
+``PYTHONPATH=site:. python -m benchmarks.gpu --data-root mnist``.
 """
 
 from __future__ import annotations
