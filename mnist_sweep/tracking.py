@@ -761,8 +761,8 @@ def _installed():
     """While a model whose requirements pin this very process's packages is logged, MLflow's check of them
     against the installed packages is skipped (where it saves the model and where it loads it back to try the
     input example): the check first maps every installed distribution's files to its modules
-    (``packages_distributions``: half a second per run, tens of thousands of ``stat`` calls) to find a mismatch
-    that cannot be there. A module that no longer has the function keeps whatever it has."""
+    (``importlib_metadata.packages_distributions()``: half a second per run, tens of thousands of ``stat``
+    calls) to find a mismatch that cannot be there. A module that no longer has the function keeps its own."""
     import mlflow.pyfunc
     import mlflow.utils.environment
 

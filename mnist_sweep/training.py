@@ -148,10 +148,11 @@ def check_fits(parts: dict[str, int], device: torch.device, available: int | Non
 def build_optimizer(make: Callable, params) -> torch.optim.Optimizer:
     """``make(params)`` (a ``torch.optim`` class or a partial of one, as ``instantiate`` returns it), built from
     a subclass without torch.compile's guards. torch.optim wraps ``__init__``'s ``add_param_group``, ``step``,
-    ``zero_grad`` and the state-dict methods in calls that import ``torch._dynamo`` (about 1.2 s of start-up)
-    only to tell the compiler where to break its graph; this project never compiles, so those wrappers are
-    peeled off (only torch's own two, recognised by their code) and ``step`` runs under ``no_grad`` as theirs
-    does. The arithmetic is torch's own: same numbers, same state dicts."""
+    ``zero_grad`` and the state-dict methods in calls that import ``torch._dynamo`` (about 1 s of start-up,
+    ``python -X importtime -c 'import torch._dynamo'``) only to tell the compiler where to break its graph;
+    this project never compiles, so those wrappers are peeled off (only torch's own two, recognised by their
+    code) and ``step`` runs under ``no_grad`` as theirs does. The arithmetic is torch's own: same numbers,
+    same state dicts."""
     func = getattr(make, "func", make)
     if not (isinstance(func, type) and issubclass(func, torch.optim.Optimizer)):
         return make(params)

@@ -64,7 +64,7 @@ def test_the_wheel_ships_the_library_and_the_plugin_only():
 
 def test_a_default_run_imports_neither_torchvision_nor_dynamo(tmp_path):
     """torchvision (about 1.8 s of start-up) serves only data.loader=torchvision, and ``torch._dynamo`` (about
-    1.2 s) only torch.compile, which a run never calls: a real default run, traced with Python's own import
+    1 s) only torch.compile, which a run never calls: a real default run, traced with Python's own import
     timer, imports neither."""
     make_dataset(tmp_path / "data")
     store = f"sqlite:///{tmp_path}/mlflow.db"

@@ -275,7 +275,7 @@ def test_the_optimizer_steps_exactly_as_torchs(preset):
 
 
 def test_building_and_stepping_the_optimizer_imports_no_dynamo():
-    """torch.optim imports torch._dynamo (about 1.2 s) when an optimizer is built, steps or zeroes its gradients;
+    """torch.optim imports torch._dynamo (about 1 s) when an optimizer is built, steps or zeroes its gradients;
     the optimizer ``build_optimizer`` makes does not. Torch's own class, last, shows the check can fail."""
     import subprocess
     import sys
