@@ -180,9 +180,17 @@ def _all_runs(uri: str) -> list:
     return list(client.search_runs(experiments, run_view_type=ViewType.ALL)) if experiments else []
 
 
-def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_again(tmp_path, monkeypatch):
-    """Two launchers meeting a new PostgreSQL database both create Optuna's tables; the loser's CREATE fails on
-    the catalogue (seen once in this file's PostgreSQL test): it opens the storage again, once made."""
+@pytest.mark.parametrize(
+    "lost",
+    [
+        'duplicate key value violates unique constraint "pg_type_typname_nsp_index"',  # PostgreSQL's catalogue
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num",  # SQLite: the schema stamp
+    ],
+)
+def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_again(tmp_path, monkeypatch, lost):
+    """Two launchers meeting a new database both create Optuna's tables; the loser's CREATE fails (on
+    PostgreSQL's catalogue, seen once in this file's PostgreSQL test; on the schema's version stamp in a new
+    SQLite file, seen once in CI's side-by-side searches): it opens the storage again, once made."""
     from hydra_plugins.mnist_sweep_optuna import _impl
 
     real, calls = optuna.storages.RDBStorage, []
@@ -190,7 +198,7 @@ def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_aga
     def racing(url, **kwargs):
         calls.append(url)
         if len(calls) == 1:
-            raise RuntimeError('duplicate key value violates unique constraint "pg_type_typname_nsp_index"')
+            raise RuntimeError(lost)
         return real(url, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)

@@ -764,8 +764,10 @@ def _open_storage(url: str, requeue):
                 )
         except Exception as e:
             # Launchers that meet a new database create its tables at the same moment; the loser's CREATE fails
-            # on PostgreSQL's catalogue (duplicate key, already exists): the tables are there now, open it again.
-            if attempt < 2 and re.search(r"already exists|duplicate key|pg_type_typname", str(e)):
+            # on PostgreSQL's catalogue (duplicate key, already exists) or, in a new SQLite file, on the schema's
+            # version stamp (alembic_version): the tables are there now, open it again.
+            lost = r"already exists|duplicate key|pg_type_typname|UNIQUE constraint failed: alembic_version"
+            if attempt < 2 and re.search(lost, str(e)):
                 time.sleep(0.5 * (attempt + 1))
                 continue
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()
