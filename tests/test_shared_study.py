@@ -203,11 +203,11 @@ def test_a_launcher_that_loses_the_race_to_create_the_tables_opens_the_study_aga
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     url = f"sqlite:///{tmp_path}/optuna.db"
-    assert isinstance(_impl._open_storage(url, None), real) and len(calls) == 2
+    assert isinstance(_impl._open_storage(url), real) and len(calls) == 2
     calls.clear()
     monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: calls.append(url) or 1 / 0)
     with pytest.raises(_impl.SearchError, match="cannot open the study database"):  # anything else: one line
-        _impl._open_storage(url, None)
+        _impl._open_storage(url)
     assert len(calls) == 1
 
 

@@ -728,19 +728,19 @@ def open_study_storage(url: str):
     takes that one. An unreachable database is a SearchError in one line."""
     url = _absolute_sqlite(url)
     opened = _OPENED.pop(url, None)
-    return opened if opened is not None else _open_storage(url, None)
+    return opened if opened is not None else _open_storage(url)
 
 
 def check_study_storage(url: str) -> None:
     """Open the storage now (SearchError if it cannot be), and keep it for the sweeper's open_study_storage."""
     url = _absolute_sqlite(url)
     if url not in _OPENED:
-        _OPENED[url] = _open_storage(url, None)
+        _OPENED[url] = _open_storage(url)
 
 
-def _open_storage(url: str, requeue):
+def _open_storage(url: str):
     """The study's database, checked before any trial runs; with heartbeats, so that launchers elsewhere can tell
-    when this one is gone."""
+    when this one is gone (the sweeper sets what is done with another's stale trial)."""
     import optuna
 
     if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
@@ -760,7 +760,6 @@ def _open_storage(url: str, requeue):
                     engine_kwargs=kwargs,
                     heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S,
-                    heartbeat_stale_trial_callback=requeue,
                 )
         except Exception as e:
             # Launchers that meet a new database create its tables at the same moment; the loser's CREATE fails
