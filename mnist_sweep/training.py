@@ -153,10 +153,9 @@ def build_optimizer(make: Callable, params) -> torch.optim.Optimizer:
     this project never compiles, so those wrappers are peeled off (only torch's own two, recognised by their
     code) and ``step`` runs under ``no_grad`` as theirs does. The arithmetic is torch's own: same numbers,
     same state dicts."""
-    func = getattr(make, "func", make)
-    if not (isinstance(func, type) and issubclass(func, torch.optim.Optimizer)):
+    base = getattr(make, "func", make)
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
         return make(params)
-    base = func
     peeled = {name: _peel(getattr(base, name)) for name in _GUARDED}
     step = peeled.pop("step")
 
@@ -170,12 +169,13 @@ def build_optimizer(make: Callable, params) -> torch.optim.Optimizer:
 
 
 _GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict", "step")
+# The files of torch's compiler-guard wrappers (_use_grad_for_differentiable, _disable_dynamo)
+_GUARD_FILES = {sys.modules[f.__module__].__file__ for f in (torch.optim.Optimizer, torch._disable_dynamo)}
 
 
 def _peel(fn: Callable) -> Callable:
-    """``fn`` without torch's compiler-guard wrappers (``_use_grad_for_differentiable``, ``_disable_dynamo``)."""
-    guards = {sys.modules[f.__module__].__file__ for f in (torch.optim.Optimizer, torch._disable_dynamo)}
-    while getattr(fn, "__wrapped__", None) is not None and fn.__code__.co_filename in guards:
+    """``fn`` without torch's compiler-guard wrappers, recognised by the file their code is in."""
+    while getattr(fn, "__wrapped__", None) is not None and fn.__code__.co_filename in _GUARD_FILES:
         fn = fn.__wrapped__
     return fn
 
