@@ -231,11 +231,13 @@ def _slow_trial(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", cluster)
     make_dataset(tmp_path / "data", n_train=3000, n_test=40)
     store = f"sqlite:///{tmp_path}/m.db"
+    # The store is made before the sweep starts: a client made while the sweep creates it would run MLflow's
+    # migrations on a half-made file, which the sweep moves aside (CI: "attempt to write a readonly database").
+    client = MlflowClient(store)
     child = start_train_py(
         "-m", "hydra/launcher=submitit_slurm", *SMALL_JOBS, *_slow_settings(tmp_path), f"mlflow.tracking_uri={store}",
         cwd=tmp_path,
     )  # fmt: skip
-    client = MlflowClient(store)
     return child, client, _trial_after_two_epochs(client, tmp_path / "m.db")
 
 
