@@ -2,6 +2,7 @@
 
     python -m benchmarks.presets                  # writes the "presets" block of docs/BENCHMARKS.md
     python -m benchmarks.presets --epochs 1 --presets best --out /tmp/p.md    # a quick look
+    python -m benchmarks.presets --epochs 1 --whole avx2       # and each preset's whole training, held to AVX2
 
 ``experiment=best`` and ``experiment=best_aug`` train for 20 minutes and more; this measures the seconds of training
 per epoch of each (``python train.py experiment=X trainer.epochs=N``, the time it prints, start-up excluded), once as
@@ -9,6 +10,8 @@ the CPU is and once with oneDNN and torch's kernels held to AVX2 (``ONEDNN_MAX_C
 ATEN_CPU_CAPABILITY=avx2``: a stand-in for an AVX2-only CPU, where ``trainer.precision=auto`` picks fp32), in turns,
 and projects the preset's whole training time as per-epoch time x its epochs. A projection, said as one: the
 one-cycle schedule and augmentation cost the same in every epoch, so the first epochs stand for the rest.
+``--whole KIND`` also trains each preset to its end on that kind, one seed, and reports the time and test accuracy
+measured.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ REPO = common.REPO
 KINDS = ("native", "avx2")
 
 
-def train_seconds(preset: str, epochs: int, kind: str, data_root: str, work: Path) -> tuple[float, str]:
-    """Training seconds of ``epochs`` epochs of ``preset`` and the precision the run picked."""
+def train_seconds(preset: str, epochs: int, kind: str, data_root: str, work: Path) -> tuple[float, str, float]:
+    """Training seconds of ``epochs`` epochs of ``preset``, the precision the run picked and its test accuracy."""
     env = {**os.environ, **(AVX2_ENV if kind == "avx2" else {})}
     cmd = [
         sys.executable, str(REPO / "train.py"), f"experiment={preset}", f"trainer.epochs={epochs}",
@@ -39,11 +42,11 @@ def train_seconds(preset: str, epochs: int, kind: str, data_root: str, work: Pat
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200, cwd=work)
     out = proc.stdout + proc.stderr
-    seconds = re.search(r"\(([\d.]+) s training\)", out)
+    seconds = re.search(r"test/acc ([\d.]+)\s+\(([\d.]+) s training\)", out)
     precision = re.search(r"precision: (\w+)", out)
     if proc.returncode != 0 or seconds is None:
         raise RuntimeError(f"{' '.join(cmd[2:4])} failed ({proc.returncode}): {out.strip()[-800:]}")
-    return float(seconds.group(1)), precision.group(1) if precision else "?"
+    return float(seconds.group(2)), precision.group(1) if precision else "?", float(seconds.group(1))
 
 
 def preset_epochs(preset: str) -> int:
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=common.default_data_root())
     parser.add_argument("--presets", nargs="+", default=["best", "best_aug"])
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per preset and kind")
+    parser.add_argument("--whole", nargs="*", choices=KINDS, default=[], help="kinds to train each preset to its end")
     parser.add_argument("--out", default=str(common.BENCHMARKS_MD), help="markdown file: its 'presets' block")
     args = parser.parse_args(argv)
+    data_root = str(Path(args.data_root).resolve())  # the runs start in a scratch folder
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mnist-sweep-presets-") as tmp:
@@ -67,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             measured = {}
             for kind in KINDS:  # in turns, so a slow spell of a shared machine hits both alike
                 print(f"{preset}, {kind}: {args.epochs} epoch(s)...", file=sys.stderr, flush=True)
-                measured[kind] = train_seconds(preset, args.epochs, kind, args.data_root, Path(tmp))
-            per_epoch = {kind: seconds / args.epochs for kind, (seconds, _) in measured.items()}
+                measured[kind] = train_seconds(preset, args.epochs, kind, data_root, Path(tmp))
+            per_epoch = {kind: seconds / args.epochs for kind, (seconds, _, _) in measured.items()}
+            whole = {}
+            for kind in args.whole:
+                print(f"{preset}, {kind}: all {full} epochs...", file=sys.stderr, flush=True)
+                whole[kind] = train_seconds(preset, full, kind, data_root, Path(tmp))
             for kind in KINDS:
+                seconds, _, acc = whole.get(kind, (None, None, None))
                 rows.append(
                     [
                         f"`{preset}` ({full} epochs)",
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{per_epoch[kind]:.1f} s",
                         f"{per_epoch[kind] * full / 60:.0f} min",
                         f"{per_epoch[kind] / per_epoch['native']:.1f}×",
+                        f"{seconds / 60:.1f} min ({seconds:.0f} s), {acc:.2%}" if seconds is not None else "",
                     ]
                 )
     ratio = statistics.mean(float(r[5].rstrip("×")) for r in rows if r[1] != "this CPU")
@@ -89,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Each preset trained {args.epochs} epoch(s) per kind; the whole training time is projected as "
             'per-epoch time × the preset\'s epochs (start-up and the final test excluded). "Held to AVX2": '
             "`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` on the same CPU, a stand-in for an AVX2-only one "
-            "(its cores, caches and clock are this CPU's).",
+            "(its cores, caches and clock are this CPU's)."
+            + (" The last column: the preset trained to its end, seed 0, one run per kind." if args.whole else ""),
             "",
             common.table(
                 [
@@ -99,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     "training per epoch",
                     "projected whole",
                     "vs this CPU",
+                    "whole, measured (test accuracy)",
                 ],
                 rows,
             ),  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -181,16 +182,19 @@ def test_speed_quick_writes_its_block_and_keeps_the_others(tmp_path, mnist_root)
 
 
 def test_presets_times_each_preset_as_the_cpu_is_and_held_to_avx2(tmp_path, mnist_root):
-    """Held to AVX2 (oneDNN and torch's kernels, in the child process) bf16 is emulated, so auto picks fp32."""
+    """Held to AVX2 (oneDNN and torch's kernels, in the child process) bf16 is emulated, so auto picks fp32; --whole
+    trains the preset to its end on the kinds named (a relative data root too: the runs start elsewhere)."""
     out = tmp_path / "BENCHMARKS.md"
-    args = ["--presets", "speedrun", "--epochs", "1", "--data-root", str(mnist_root), "--out", str(out)]
+    root = os.path.relpath(mnist_root)
+    args = ["--presets", "speedrun", "--epochs", "1", "--whole", "avx2", "--data-root", root, "--out", str(out)]
     assert presets.main(args) == 0
     text = out.read_text()
-    assert "python -m benchmarks.presets --presets speedrun --epochs 1" in text and "Machine: " in text
+    assert "python -m benchmarks.presets --presets speedrun --epochs 1 --whole avx2" in text and "Machine: " in text
     rows = [line for line in text.splitlines() if line.startswith("| `speedrun`")]
     assert len(rows) == 2 and "| held to AVX2 | fp32 |" in rows[1]
     native = "bf16" if training.native_bf16(torch.device("cpu")) else "fp32"
-    assert f"| this CPU | {native} |" in rows[0]
+    assert f"| this CPU | {native} |" in rows[0] and rows[0].endswith("|  |")  # not trained to its end
+    assert re.search(r"\| [\d.]+ min \(\d+ s\), 9\d\.\d\d% \|$", rows[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
