@@ -42,11 +42,11 @@ def train_seconds(preset: str, epochs: int, kind: str, data_root: str, work: Pat
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200, cwd=work)
     out = proc.stdout + proc.stderr
-    seconds = re.search(r"test/acc ([\d.]+)\s+\(([\d.]+) s training\)", out)
+    result = re.search(r"test/acc ([\d.]+)\s+\(([\d.]+) s training\)", out)
     precision = re.search(r"precision: (\w+)", out)
-    if proc.returncode != 0 or seconds is None:
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"{' '.join(cmd[2:4])} failed ({proc.returncode}): {out.strip()[-800:]}")
-    return float(seconds.group(2)), precision.group(1) if precision else "?", float(seconds.group(1))
+    return float(result.group(2)), precision.group(1) if precision else "?", float(result.group(1))
 
 
 def preset_epochs(preset: str) -> int:
