@@ -123,8 +123,7 @@ FLOOR = "import torch, hydra; " + OPEN_STORE
 def overlap(cwd: Path, env: dict[str, str]) -> dict:
     """``import torch`` and MLflow's import with the store's opening, in two processes one after the other and
     then side by side: how much of MLflow's start-up a second process could hide behind torch's on this machine."""
-    torch_s, _ = timed([sys.executable, "-c", "import torch"], cwd, env)
-    mlflow_s, _ = timed([sys.executable, "-c", OPEN_STORE], cwd, env)
+    torch_s, mlflow_s = python_c(env, cwd)["wall"], python_c(env, cwd, OPEN_STORE)["wall"]
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env) for code in ("import torch", OPEN_STORE)]
     if any(p.wait(timeout=300) for p in procs):
