@@ -913,7 +913,19 @@ def log_dataset(run_id: str, name: str, source: str, splits: dict[str, tuple[str
         )
         for context, (digest, profile) in splits.items()
     ]
-    mlflow_client().log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            return mlflow_client().log_inputs(run_id, datasets=inputs)
+        except Exception as e:
+            # Trials of parallel launches log the same dataset at the same moment; MLflow looks it up, then inserts
+            # it, so the later insert fails on the dataset's key. It exists now: a second try links this run to it.
+            if attempt == 2 or not re.search(DATASET_RACE, str(e)):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+# The error of the insert that lost that race: PostgreSQL's (through a server too) and SQLite's
+DATASET_RACE = r'unique constraint "dataset_pk"|UNIQUE constraint failed: datasets\.'
 
 
 def mlflow_client():

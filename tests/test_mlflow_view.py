@@ -242,6 +242,35 @@ def test_the_dataset_is_logged_as_inputs_with_a_digest_per_split(store, tmp_path
     assert not list((tmp_path / "mlruns").rglob("*-ubyte*"))
 
 
+@pytest.mark.parametrize(
+    "lost",
+    [
+        "RestException: BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "
+        '"dataset_pk" DETAIL:  Key (experiment_id, name, digest)=(1, mnist, 9ed6f087) already exists.',  # seen in CI
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest",
+    ],
+)
+def test_a_trial_that_loses_the_race_to_log_a_new_dataset_links_it_on_a_second_try(store, tmp_path, monkeypatch, lost):
+    """Parallel launches' trials log the same new dataset at once; the later insert fails on its key (CI, two
+    launchers on a PostgreSQL-backed server): the run is linked to the dataset the other made, not failed."""
+    make_dataset(tmp_path / "tiny")
+    real, calls = mlflow.MlflowClient.log_inputs, []
+
+    def racing(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException(lost)
+        return real(self, run_id, datasets=datasets, models=models)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", racing)
+    assert set(_log_dataset(tmp_path, "data.val_size=20")) == {"train", "validation", "test"} and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(mlflow.MlflowClient, "log_inputs", lambda *a, **k: calls.append(1) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is not retried
+        _log_dataset(tmp_path, "data.val_size=20")
+    assert calls == [1]
+
+
 def test_verified_files_are_described_by_their_published_checksums(store, tmp_path, monkeypatch):
     make_dataset(tmp_path / "tiny")
     hashed = []
